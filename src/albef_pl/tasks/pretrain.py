@@ -1,0 +1,98 @@
+"""Pre-training: ITC + ITM + MLM with momentum distillation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from albef_pl.losses import IGNORE_INDEX, mask_tokens, mlm_loss
+from albef_pl.tasks.base import ALBEFTask
+
+
+class PretrainTask(ALBEFTask):
+    """ALBEF pre-training: ``loss = ITC + ITM + MLM``.
+
+    Args:
+        mlm_probability: fraction of (non-special) tokens masked for MLM.
+        mask_token_id: id of [MASK] (103 in bert-base-uncased).
+        special_token_ids: ids never masked ([PAD], [CLS], [SEP]).
+        **kwargs: see :class:`ALBEFTask`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        mlm_probability: float = 0.15,
+        mask_token_id: int = 103,
+        special_token_ids: tuple[int, ...] = (0, 101, 102),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"model.mlm_probability must be in (0, 1), got {mlm_probability}")
+        self.save_hyperparameters("mlm_probability", "mask_token_id", "special_token_ids")
+
+    def mlm(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        out: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Mask, predict with image context, distil from the teacher."""
+        h = self.hparams
+        masked, labels = mask_tokens(
+            input_ids,
+            self.model.bert_config.vocab_size,
+            h.mask_token_id,
+            tuple(h.special_token_ids),
+            h.mlm_probability,
+            generator,
+        )
+        positions = labels != IGNORE_INDEX  # (B, L); logits only where a label exists
+        logits = self.model.mlm_logits(
+            masked, attention_mask, out["student"].image_embeds, positions
+        )  # (P, V)
+        alpha = float(self.alpha) if h.distill else 0.0
+        soft = None
+        if alpha > 0:
+            with torch.no_grad():
+                soft = self.teacher.mlm_logits(
+                    masked, attention_mask, out["teacher"].image_embeds, positions
+                ).float().softmax(dim=-1)
+        return mlm_loss(logits, labels[positions], soft, alpha)
+
+    def step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int) -> torch.Tensor:
+        train = stage == "train"
+        # Validation draws its masks and negatives from a fixed per-batch generator so that
+        # validation numbers are comparable between epochs and do not disturb training.
+        gen = self.generator if train else torch.Generator(self.device).manual_seed(batch_idx)
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        out = self.contrastive_and_matching(
+            image, ids, mask, None, train, gen
+        )
+        loss_mlm = self.mlm(ids, mask, out, gen)
+        loss = out["loss_itc"] + out["loss_itm"] + loss_mlm
+
+        b = image.shape[0]
+        on_step = train
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b)
+        for name, value in (("itc", out["loss_itc"]), ("itm", out["loss_itm"]), ("mlm", loss_mlm)):
+            self.log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=True, batch_size=b)
+        with torch.no_grad():  # in-batch image->text top-1 of the student: learning made visible
+            s = out["student"]
+            acc = (s.image_feat @ s.text_feat.T).argmax(1).eq(torch.arange(b, device=self.device))
+        self.log(f"{stage}/itc_acc_i2t", acc.float().mean(), on_step=False, on_epoch=True,
+                 batch_size=b)
+        self.log_common(stage, b)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "test", batch_idx)
