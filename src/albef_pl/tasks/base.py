@@ -101,7 +101,6 @@ class ALBEFTask(L.LightningModule):
         self.queue = FeatureQueue(embed_dim, queue_size, with_idx=self.queue_with_idx)
         self.register_buffer("alpha", torch.tensor(0.0 if alpha_warmup else alpha))
         self._generator: torch.Generator | None = None
-        self._pending_rng: dict[str, Any] | None = None
         if init_checkpoint:
             self.load_init_checkpoint(init_checkpoint)
 
@@ -118,31 +117,21 @@ class ALBEFTask(L.LightningModule):
     # ---- randomness that survives a restart
     @property
     def generator(self) -> torch.Generator:
-        """The task's generator for MLM masking and hard negatives, seeded per rank."""
+        """The task's generator for MLM masking and hard negatives."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(self.hparams.seed + self.global_rank)
         return self._generator
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["albef_rng"] = {
-            "task": self.generator.get_state(),
-            "torch": torch.get_rng_state(),
-            "world_size": self.trainer.world_size if self._trainer else 1,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng = checkpoint.get("albef_rng")
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restored here, not at load time: Lightning draws from the global generator while it
-        # builds the data loader iterator, which an uninterrupted run did at epoch start.
-        if self._pending_rng is None:
-            return
-        state, self._pending_rng = self._pending_rng, None
-        if state.get("world_size", 1) == 1 and self.trainer.world_size == 1:
-            self.generator.set_state(state["task"])
-            torch.set_rng_state(state["torch"])
+        # Every training batch draws its randomness (dropout, masking, hard negatives) from
+        # generators seeded by (seed, rank, epoch, batch), so a run resumed from a checkpoint
+        # continues with exactly the draws of an uninterrupted run, however many numbers
+        # Lightning and the data loaders consumed in between.
+        key = (self.hparams.seed, self.global_rank, self.current_epoch, batch_idx)
+        seed = hash(key) % (2**63)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed + 1)
 
     def configure_callbacks(self):
         from albef_pl.callbacks import MomentumTeacher
@@ -266,7 +255,7 @@ class ALBEFTask(L.LightningModule):
         """Log alpha, temperature and learning rate under ``stage/``."""
         on_step = stage == "train"
         self.log(f"{stage}/alpha", float(self.alpha), on_step=on_step, batch_size=batch_size)
-        self.log(f"{stage}/temp", float(self.model.temp), on_step=on_step, batch_size=batch_size)
+        self.log(f"{stage}/temp", self.model.temp.detach(), on_step=on_step, batch_size=batch_size)
         if stage == "train" and self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, prog_bar=True, batch_size=batch_size)
