@@ -23,7 +23,7 @@ GOLDEN_IO = SHARED / "golden" / "albef_tiny_io.json"
 
 
 def test_pre_caption_rules() -> None:
-    raw = "A Man's (tall) dog-walker/runner!  <person> said: \"hi\"; ~ok*#?"
+    raw = 'A Man\'s (tall) dog-walker/runner!  <person> said: "hi"; ~ok*#?'
     assert pre_caption(raw) == "a mans tall dog walker runner person said hi ok"
 
 

@@ -1,0 +1,36 @@
+"""LightningDataModules that hand ALBEF tasks plain tensors and token ids.
+
+Exports resolve lazily, so the shard writer and the synthetic-data command start without
+importing Lightning or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
+    from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
+
+_EXPORTS = {
+    "PretrainDataModule": "data_modules.pretrain",
+    "SkippedSamplesLogger": "data_modules.pretrain",
+    "SKIP_REASONS": "data_modules.shards",
+    "EpochLoader": "data_modules.shards",
+    "ShardStream": "data_modules.shards",
+}
+
+__all__ = [
+    "SKIP_REASONS",
+    "EpochLoader",
+    "PretrainDataModule",
+    "ShardStream",
+    "SkippedSamplesLogger",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'data_modules' has no attribute {name!r}")

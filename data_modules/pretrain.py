@@ -1,0 +1,300 @@
+"""Pre-training data: image-caption pairs streamed from WebDataset shards.
+
+Batches are dicts of plain tensors::
+
+    image           float32 (B, 3, S, S), normalised with CLIP's mean and std
+    input_ids       int64 (B, L), "[CLS] w1 .. wn [PAD] .." (ALBEF layout, see albef_pl.text)
+    attention_mask  int64 (B, L)
+    image_id        int64 (B,), only when the shards record image ids (-1 where missing)
+
+Every rank yields exactly ``num_train_samples // (world_size * batch_size)`` training
+batches per epoch, so ranks stay in step and ``len(trainer.train_dataloader)`` is known.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from albef_pl.text import CaptionTokenizer
+from albef_pl.transforms import eval_transform, pretrain_transform
+from data_modules.shards import (
+    SKIP_REASONS,
+    EpochLoader,
+    ShardStream,
+    expand_shards,
+    read_shard_sizes,
+)
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["PretrainDataModule", "SkippedSamplesLogger"]
+
+
+def _as_sources(spec: str | list[str] | None) -> list[list[str]]:
+    """A string is one source; each item of a list is one source (mixed by weight)."""
+    if spec is None:
+        return []
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    sources = [expand_shards(s) for s in specs]
+    for s, shards in zip(specs, sources):
+        if not shards:
+            raise FileNotFoundError(f"no shards match {s!r}")
+    return sources
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """WebDataset image-caption shards for ALBEF pre-training.
+
+    Args:
+        train_shards: Training shards: a directory of ``.tar`` files (img2dataset output
+            works as is), a brace pattern or URL, or a list of these, one per source.
+        train_weights: Sampling weight per training source. Default: proportional to the
+            sources' sizes when they are known, else equal.
+        num_train_samples: Samples per epoch over all ranks. Default: the total of the
+            sizes files next to the shards (``sizes.json`` or img2dataset ``*_stats.json``).
+        val_shards: Validation shards (same forms, all read once per validation).
+        num_val_samples: Validation samples over all ranks. Default: from the sizes files.
+        batch_size: Batch size per rank.
+        num_workers: Dataloader workers per rank.
+        image_size: Side length of the square images.
+        tokenizer: Tokenizer directory or hub name (``None``: the offline MiniLM package).
+        max_length: Text length in tokens including ``[CLS]`` (25 in the paper).
+        max_words: Words kept by caption cleaning.
+        append_sep: End captions with ``[SEP]`` (stock BERT) instead of ALBEF's layout.
+        shuffle_buffer: Samples held per worker for shuffling.
+        seed: Base seed of shard draws, shuffling and caption choice.
+        augment: Random crop, flip and RandomAugment for training (else a plain resize).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        train_weights: list[float] | None = None,
+        num_train_samples: int | None = None,
+        val_shards: str | list[str] | None = None,
+        num_val_samples: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        image_size: int = 256,
+        tokenizer: str | None = None,
+        max_length: int = 25,
+        max_words: int = 30,
+        append_sep: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 42,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_shards = train_shards
+        self.train_weights = train_weights
+        self.num_train_samples = num_train_samples
+        self.val_shards = val_shards
+        self.num_val_samples = num_val_samples
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.max_words = max_words
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.augment = augment
+        # NOTE: ALBEF's layout (no trailing [SEP]) is the default because the official
+        # checkpoints were trained on it; stock BERT's layout is one flag away.
+        self.tokenizer = CaptionTokenizer(tokenizer, max_length, append_sep, padding="longest")
+        self._world: tuple[int, int] | None = None
+        self._loaders: dict[str, EpochLoader] = {}
+        self._epochs: dict[str, int] = {}
+
+    # -- distributed layout
+
+    def set_world(self, rank: int, world_size: int) -> None:
+        """Fix this process's rank and the world size (outside Lightning: notebooks, tests).
+
+        Args:
+            rank: Global rank of this process.
+            world_size: Number of data-parallel processes.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        self._world = (rank, world_size)
+
+    def world(self) -> tuple[int, int]:
+        """(rank, world size): set explicitly, else from the trainer, else torch.distributed."""
+        if self._world is not None:
+            return self._world
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    # -- loaders
+
+    def train_dataloader(self) -> EpochLoader:
+        """Resampled, infinite per worker, cut into a fixed number of batches per epoch."""
+        sources = _as_sources(self.train_shards)
+        if not sources:
+            raise ValueError("train_shards is not set")
+        sizes = [read_shard_sizes(s) for s in sources]
+        total = self._total("train", sizes, self.num_train_samples)
+        weights = self.train_weights
+        if weights is None and all(sizes):
+            weights = [float(sum(s.values())) for s in sizes]
+        rank, world_size = self.world()
+        num_batches = total // (world_size * self.batch_size)
+        if num_batches == 0:
+            raise ValueError(
+                f"{total} training samples make no full batch of {self.batch_size} "
+                f"on each of {world_size} ranks"
+            )
+
+        stream = ShardStream(
+            sources,
+            batch_size=self.batch_size,
+            transform=pretrain_transform(self.image_size, augment=self.augment),
+            tokenizer=self.tokenizer,
+            resampled=True,
+            weights=weights,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            max_words=self.max_words,
+            name="train",
+        )
+        _logger.info(
+            "train: %d sources, %d shards, %d samples per epoch -> %d batches of %d per rank "
+            "(%d ranks)",
+            len(sources),
+            sum(len(s) for s in sources),
+            total,
+            num_batches,
+            self.batch_size,
+            world_size,
+        )
+        return self._register("train", stream, num_batches)
+
+    def val_dataloader(self) -> EpochLoader | list[Any]:
+        """Each validation shard read once (split by rank, then worker), full batches only."""
+        sources = _as_sources(self.val_shards)
+        if not sources:
+            return []
+        shards = [s for source in sources for s in source]
+        sizes = read_shard_sizes(shards)
+        total = self._total("val", [sizes], self.num_val_samples)
+        rank, world_size = self.world()
+        num_batches = total // (world_size * self.batch_size)
+        if sizes is not None:
+            # Shards go round-robin to ranks: no rank may be asked for more than it holds.
+            per_rank = [sum(sizes[s] for s in shards[r::world_size]) for r in range(world_size)]
+            num_batches = min(num_batches, min(per_rank) // self.batch_size)
+        if num_batches == 0:
+            _logger.warning(
+                "val: %d samples in %d shards give no full batch of %d on every one of %d "
+                "ranks; validation is skipped",
+                total,
+                len(shards),
+                self.batch_size,
+                world_size,
+            )
+            return []
+
+        stream = ShardStream(
+            [shards],
+            batch_size=self.batch_size,
+            transform=eval_transform(self.image_size),
+            tokenizer=self.tokenizer,
+            resampled=False,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle_buffer=0,
+            max_words=self.max_words,
+            name="val",
+        )
+        return self._register("val", stream, num_batches)
+
+    def _total(self, split: str, sizes: list[dict[str, int] | None], given: int | None) -> int:
+        if given is not None:
+            return given
+        if not all(sizes):
+            raise ValueError(
+                f"{split}: the number of samples is unknown (no sizes.json or *_stats.json "
+                f"next to every shard); set num_{split}_samples"
+            )
+        return sum(sum(s.values()) for s in sizes if s)
+
+    def _register(self, split: str, stream: ShardStream, num_batches: int) -> EpochLoader:
+        loader = EpochLoader(
+            stream,
+            num_batches,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        previous = self._loaders.get(split)
+        if previous is not None:  # a reload keeps the epoch count and the skip totals
+            loader.epoch, loader.totals = previous.epoch, previous.totals
+        else:
+            loader.epoch = self._epochs.get(split, 0)
+        self._loaders[split] = loader
+        return loader
+
+    # -- reporting and state
+
+    def skipped_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples (and shards) skipped so far in this process, by reason.
+
+        Every reason of :data:`data_modules.shards.SKIP_REASONS` is present (zero when none),
+        so all ranks report the same keys; add the ranks' values for the global count.
+
+        Args:
+            split: ``"train"`` or ``"val"``.
+
+        Returns:
+            ``{reason: count}``.
+        """
+        loader = self._loaders.get(split)
+        if loader is None:
+            return {reason: 0 for reason in SKIP_REASONS}
+        return loader.skipped_counts()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch counters, so a resumed run does not replay the same random draws."""
+        epochs = dict(self._epochs)
+        epochs.update({split: loader.epoch for split, loader in self._loaders.items()})
+        return {"epochs": epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epoch counters saved by :meth:`state_dict`."""
+        self._epochs = dict(state_dict.get("epochs", {}))
+        for split, loader in self._loaders.items():
+            loader.epoch = self._epochs.get(split, loader.epoch)
+
+
+class SkippedSamplesLogger(L.Callback):
+    """Logs the skipped-sample counts as ``train/skipped_<reason>`` at each epoch end.
+
+    Values are this rank's running totals, summed over ranks by Lightning (every rank logs
+    every reason, so the collective calls match). Works with any datamodule that has a
+    ``skipped_counts(split)`` method.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    @staticmethod
+    def _log(trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        counts = getattr(trainer.datamodule, "skipped_counts", None)
+        if counts is None:
+            return
+        values = {f"{split}/skipped_{k}": float(v) for k, v in counts(split).items()}
+        pl_module.log_dict(values, reduce_fx="sum", sync_dist=True, on_epoch=True)

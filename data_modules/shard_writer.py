@@ -1,0 +1,420 @@
+"""Write image-caption pairs as WebDataset shards (the ``albef-pl-shards`` command).
+
+Inputs: ALBEF-style json files (``[{"image", "caption": str | [str], "image_id"?}]``), COCO
+captions json (``captions_*.json``), or a folder of images with same-stem ``.txt`` files
+(one caption per line). Entries of the same image become one sample whose ``json`` member
+holds the list of captions (the data modules draw one per use).
+
+Output, in ``--out``: ``<prefix>-000000.tar``, ... with members ``<key>.<jpg|png|webp>``
+(the original bytes, never re-encoded) and ``<key>.json`` (``captions``, ``image``,
+``image_id``); ``sizes.json`` (``{shard name: samples, "total": n}``); ``skipped.json`` (each
+image left out, with the reason); ``manifest.json`` (a fingerprint of the input).
+
+Keys are the sample's index among the input images sorted by path, so they do not depend
+on the order of the input files. Tar headers carry fixed times and owners, so the same
+input always gives byte-identical shards; a re-run whose input fingerprint matches the
+manifest writes nothing, and any other run rewrites the whole set and removes stale shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WriterSample",
+    "WriteResult",
+    "check_image",
+    "main",
+    "samples_from_albef_json",
+    "samples_from_coco",
+    "samples_from_folder",
+    "write_shards",
+]
+
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_MANIFEST_VERSION = 1
+
+
+@dataclass
+class WriterSample:
+    """One image and all its captions.
+
+    Attributes:
+        image: Path of the image file.
+        captions: Captions in input order.
+        image_id: Identifier from the input, when it has one.
+    """
+
+    image: Path
+    captions: list[str] = field(default_factory=list)
+    image_id: Any = None
+
+
+@dataclass
+class WriteResult:
+    """What a writer run did.
+
+    Attributes:
+        sizes: Samples per shard file name.
+        skipped: ``{"image", "reason"}`` for each image left out.
+        up_to_date: True when nothing was written because the output matched the input.
+    """
+
+    sizes: dict[str, int]
+    skipped: list[dict[str, str]]
+    up_to_date: bool = False
+
+    @property
+    def total(self) -> int:
+        """Samples written."""
+        return sum(self.sizes.values())
+
+
+# ---------------------------------------------------------------------------------------
+# input readers
+
+
+def _group(entries: Iterable[tuple[Path, list[str], Any]]) -> list[WriterSample]:
+    by_image: dict[Path, WriterSample] = {}
+    for image, captions, image_id in entries:
+        sample = by_image.setdefault(image, WriterSample(image))
+        sample.captions.extend(captions)
+        if sample.image_id is None:
+            sample.image_id = image_id
+    return list(by_image.values())
+
+
+def _as_list(caption: Any) -> list[str]:
+    if isinstance(caption, str):
+        return [caption]
+    if isinstance(caption, list):
+        return [c for c in caption if isinstance(c, str)]
+    return []
+
+
+def samples_from_albef_json(
+    paths: Sequence[str | Path], image_root: str | Path
+) -> list[WriterSample]:
+    """Read ALBEF-style json lists: ``{"image": relative path, "caption": str | [str]}``.
+
+    Args:
+        paths: Json files.
+        image_root: Directory the image paths are relative to (absolute paths stay).
+
+    Returns:
+        One sample per distinct image, captions of all its entries gathered.
+    """
+    root = Path(image_root)
+    entries = []
+    for path in paths:
+        for entry in json.loads(Path(path).read_text()):
+            image = root / entry["image"]
+            entries.append((image, _as_list(entry.get("caption")), entry.get("image_id")))
+    return _group(entries)
+
+
+def samples_from_coco(path: str | Path, image_root: str | Path) -> list[WriterSample]:
+    """Read a COCO captions file (``images`` with ``file_name``, ``annotations``).
+
+    Args:
+        path: ``captions_*.json``.
+        image_root: Directory holding the ``file_name`` images.
+
+    Returns:
+        One sample per image that has at least one annotation or is listed.
+    """
+    data = json.loads(Path(path).read_text())
+    files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+    entries = [(files[i], [], i) for i in files]
+    for ann in data.get("annotations", []):
+        if ann["image_id"] in files:
+            entries.append((files[ann["image_id"]], _as_list(ann.get("caption")), ann["image_id"]))
+    return _group(entries)
+
+
+def samples_from_folder(folder: str | Path) -> list[WriterSample]:
+    """Read images with a same-stem ``.txt`` file beside them (one caption per line).
+
+    Args:
+        folder: Directory searched recursively.
+
+    Returns:
+        One sample per image (an image without a ``.txt`` gets no captions and is skipped).
+    """
+    samples = []
+    for image in sorted(Path(folder).rglob("*")):
+        if image.suffix.lower() not in _IMAGE_SUFFIXES:
+            continue
+        text = image.with_suffix(".txt")
+        lines = text.read_text(encoding="utf-8").splitlines() if text.is_file() else []
+        samples.append(WriterSample(image, [line.strip() for line in lines if line.strip()]))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------
+# checking and writing
+
+
+def check_image(path: str | Path) -> tuple[str | None, str | None]:
+    """Check that an image file decodes and is stored in a format the loaders read.
+
+    Runs PIL's ``verify`` and then a reduced-size full decode, which also catches
+    truncated JPEG data that ``verify`` lets through.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        (file extension to store it under, None) or (None, reason).
+    """
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except FileNotFoundError:
+        return None, "file not found"
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+        return None, f"does not decode: {err!r}"
+    if fmt not in _FORMAT_EXT:
+        return None, f"unsupported format {fmt} (the loaders read JPEG, PNG and WebP)"
+    return _FORMAT_EXT[fmt], None
+
+
+def _fingerprint(samples: list[WriterSample], samples_per_shard: int, prefix: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([_MANIFEST_VERSION, samples_per_shard, prefix]).encode())
+    for s in samples:
+        try:
+            stat = s.image.stat()
+            file_id = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            file_id = None
+        record = [str(s.image), s.captions, str(s.image_id), file_id]
+        digest.update(json.dumps(record, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _relative(image: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return image.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            pass
+    return image.as_posix()
+
+
+def _json_id(image_id: Any) -> Any:
+    return image_id if isinstance(image_id, (int, str)) or image_id is None else str(image_id)
+
+
+def _up_to_date(out: Path, fingerprint: str) -> WriteResult | None:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        sizes = json.loads((out / "sizes.json").read_text())
+        skipped = json.loads((out / "skipped.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    shards = {k: v for k, v in sizes.items() if k.endswith(".tar")}
+    if manifest.get("fingerprint") != fingerprint or not all((out / k).is_file() for k in shards):
+        return None
+    return WriteResult(shards, skipped, up_to_date=True)
+
+
+def write_shards(
+    samples: list[WriterSample],
+    out: str | Path,
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+    image_root: str | Path | None = None,
+    workers: int = 1,
+    force: bool = False,
+) -> WriteResult:
+    """Check the images and write the samples as shards with sizes and skipped lists.
+
+    Args:
+        samples: Samples from one of the readers.
+        out: Output directory (created).
+        samples_per_shard: Samples per tar file.
+        prefix: Shard file name prefix.
+        image_root: Stored image paths are made relative to it.
+        workers: Processes used to check images.
+        force: Rewrite even if the manifest says the output is up to date.
+
+    Returns:
+        The shard sizes and the skipped images.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be positive")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = sorted(samples, key=lambda s: str(s.image))
+    fingerprint = _fingerprint(samples, samples_per_shard, prefix)
+    if not force and (done := _up_to_date(out, fingerprint)) is not None:
+        _logger.info("%s is up to date (%d samples); nothing written", out, done.total)
+        return done
+
+    # Check every image (in parallel if asked); keys are indices in the sorted list.
+    paths = [s.image for s in samples]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            checks = list(pool.map(check_image, paths, chunksize=64))
+    else:
+        checks = [check_image(p) for p in paths]
+
+    skipped: list[dict[str, str]] = []
+    kept: list[tuple[int, WriterSample, str]] = []
+    root = Path(image_root) if image_root is not None else None
+    for index, (sample, (ext, reason)) in enumerate(zip(samples, checks)):
+        captions = [c for c in sample.captions if c.strip()]
+        if reason is None and not captions:
+            reason = "no caption"
+        if reason is not None:
+            skipped.append({"image": _relative(sample.image, root), "reason": reason})
+            _logger.warning("skipping %s: %s", sample.image, reason)
+            continue
+        sample.captions = captions
+        kept.append((index, sample, ext))
+
+    sizes: dict[str, int] = {}
+    for start in range(0, len(kept), samples_per_shard):
+        name = f"{prefix}-{start // samples_per_shard:06d}.tar"
+        chunk = kept[start : start + samples_per_shard]
+        _write_tar(out / name, chunk, root)
+        sizes[name] = len(chunk)
+
+    for stale in sorted(out.glob(f"{prefix}-*.tar")):
+        if stale.name not in sizes:
+            _logger.info("removing stale shard %s", stale)
+            stale.unlink()
+    _write_json(out / "sizes.json", {**sizes, "total": sum(sizes.values())})
+    _write_json(out / "skipped.json", skipped)
+    reasons = collections.Counter(s["reason"].split(":")[0] for s in skipped)
+    _write_json(
+        out / "manifest.json",
+        {
+            "fingerprint": fingerprint,
+            "samples_per_shard": samples_per_shard,
+            "prefix": prefix,
+            "samples": sum(sizes.values()),
+            "skipped": dict(reasons),
+        },
+    )
+    _logger.info(
+        "wrote %d samples in %d shards to %s; skipped %d images %s",
+        sum(sizes.values()),
+        len(sizes),
+        out,
+        len(skipped),
+        dict(reasons),
+    )
+    return WriteResult(sizes, skipped)
+
+
+def _write_tar(path: Path, chunk: list[tuple[int, WriterSample, str]], root: Path | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as stream:
+        # Fixed mtime and owner: the same input gives byte-identical tar files.
+        with wds.TarWriter(stream, encoder=False, mtime=0.0, user="albef", group="albef") as tar:
+            for index, sample, ext in chunk:
+                meta = {
+                    "captions": sample.captions,
+                    "image": _relative(sample.image, root),
+                    "image_id": _json_id(sample.image_id),
+                }
+                tar.write(
+                    {
+                        "__key__": f"{index:09d}",
+                        ext: sample.image.read_bytes(),
+                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                    }
+                )
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albef-pl-shards",
+        description="Write image-caption pairs as WebDataset shards (original image bytes).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--json", nargs="+", type=Path, help="ALBEF-style json file(s)")
+    source.add_argument("--coco-captions", type=Path, help="COCO captions_*.json")
+    source.add_argument("--folder", type=Path, help="folder of images with same-stem .txt")
+    parser.add_argument("--image-root", type=Path, help="directory image paths are relative to")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix")
+    parser.add_argument("--workers", type=int, default=1, help="processes checking images")
+    parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``albef-pl-shards``.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Process exit status (0 on success, even with skipped images).
+    """
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.json:
+        root = args.image_root if args.image_root is not None else Path(".")
+        samples = samples_from_albef_json(args.json, root)
+    elif args.coco_captions:
+        if args.image_root is None:
+            _parser().error("--coco-captions needs --image-root")
+        root = args.image_root
+        samples = samples_from_coco(args.coco_captions, root)
+    else:
+        root = args.folder
+        samples = samples_from_folder(args.folder)
+
+    result = write_shards(
+        samples,
+        args.out,
+        samples_per_shard=args.samples_per_shard,
+        prefix=args.prefix,
+        image_root=root,
+        workers=args.workers,
+        force=args.force,
+    )
+    return 0 if result.total > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

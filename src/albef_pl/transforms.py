@@ -1,0 +1,337 @@
+"""Image transforms of ALBEF: random resized crop, flip, a colour-safe RandAugment, CLIP stats.
+
+The pre-training and fine-tuning transforms follow the reference recipe: RandomResizedCrop
+(bicubic), horizontal flip, :class:`RandomAugment` restricted to ten operations that leave
+colours alone (captions name colours), ``ToTensor`` and normalisation with CLIP's mean and
+standard deviation. The evaluation transform resizes to a square.
+
+Both the crop and the resize accept a PIL image that has been opened but not decoded yet.
+For JPEG files they can then ask the decoder for a 1/2, 1/4 or 1/8 scale image (PIL's
+``Image.draft``) whenever the region that will be kept still has at least the output
+resolution at that scale, so the model sees the same content, resampled differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms as T
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "RANDOM_AUGMENT_OPS",
+    "RandomAugment",
+    "RandomResizedCropRGB",
+    "ResizeRGB",
+    "eval_transform",
+    "finetune_transform",
+    "pretrain_transform",
+]
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+# The reference's operation set: no Color, Contrast, Solarize, Posterize or Cutout.
+RANDOM_AUGMENT_OPS: tuple[str, ...] = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+_MAX_LEVEL = 10.0
+
+# NOTE: reduced-size JPEG decoding is on by default because benchmarks/bench_data.py
+# measured it faster wherever it applies and it only changes the resampling path; where
+# the kept region is too small for a reduced decode (e.g. 640x480 COCO photos cropped to
+# 256 px) the transforms decode at full size, exactly as before.
+DEFAULT_REDUCED_DECODE = True
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _reduce_decode(img: Image.Image, min_width: float, min_height: float) -> float:
+    """Ask a not-yet-decoded JPEG for the smallest DCT scale that keeps the given size.
+
+    Returns:
+        The factor from original to decoded pixel coordinates (1, 1/2, 1/4 or 1/8).
+    """
+    width, height = img.size
+    request = (max(1, math.ceil(min_width)), max(1, math.ceil(min_height)))
+    if img.format != "JPEG" or request[0] * 2 > width or request[1] * 2 > height:
+        return 1.0
+    result = img.draft("RGB", request)
+    if result is None:
+        return 1.0
+    _, box = result
+    return box[2] / width
+
+
+class RandomResizedCropRGB:
+    """RandomResizedCrop (bicubic) to an RGB square, optionally with reduced JPEG decoding.
+
+    The crop box is drawn exactly as ``torchvision.transforms.RandomResizedCrop`` draws it,
+    in the coordinates of the full image. With ``reduced_decode`` a JPEG that is still
+    undecoded is decoded at the smallest of 1/8, 1/4, 1/2 scale at which the box keeps at
+    least ``size`` pixels in both directions; the box is then mapped to that scale.
+
+    Args:
+        size: Output side length.
+        scale: Range of the crop area relative to the image area.
+        ratio: Range of the crop aspect ratio.
+        reduced_decode: Allow reduced-size JPEG decoding.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+    ) -> None:
+        self.size = size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.reduced_decode = reduced_decode
+        self.num_reduced = 0  # images decoded at reduced size in this process (for benchmarks)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left, height, width = T.RandomResizedCrop.get_params(
+            img, list(self.scale), list(self.ratio)
+        )
+
+        # The crop must keep `size` pixels per side, so the image may shrink by size / crop.
+        factor = 1.0
+        if self.reduced_decode:
+            full_w, full_h = img.size
+            factor = _reduce_decode(img, full_w * self.size / width, full_h * self.size / height)
+            self.num_reduced += factor < 1.0
+
+        box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)
+        img = _to_rgb(img)
+        return img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
+            f"ratio={tuple(round(r, 4) for r in self.ratio)}, "
+            f"reduced_decode={self.reduced_decode})"
+        )
+
+
+class ResizeRGB:
+    """Resize (bicubic, aspect ratio not kept) to an RGB square, optionally decoding reduced.
+
+    Args:
+        size: Output side length.
+        reduced_decode: Allow reduced-size JPEG decoding when the image is at least twice
+            ``size`` in both directions.
+    """
+
+    def __init__(self, size: int, reduced_decode: bool = DEFAULT_REDUCED_DECODE) -> None:
+        self.size = size
+        self.reduced_decode = reduced_decode
+        self.num_reduced = 0
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.reduced_decode:
+            self.num_reduced += _reduce_decode(img, self.size, self.size) < 1.0
+        img = _to_rgb(img)
+        return img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, reduced_decode={self.reduced_decode})"
+
+
+class RandomAugment:
+    """RandAugment restricted to ALBEF's ten colour-preserving operations.
+
+    Each call draws ``num_ops`` operations uniformly with replacement; each is then applied
+    with probability ``prob`` at the fixed ``magnitude`` (out of 10): Brightness and
+    Sharpness enhance by ``magnitude / 10 * 1.8 + 0.1`` (1.36 at 7, always brighter or
+    sharper), shears are ``±magnitude / 10 * 0.3``, translations ``±magnitude`` pixels
+    (absolute, whatever the image size), rotations ``±magnitude / 10 * 30`` degrees;
+    geometric operations fill uncovered pixels with grey ``fill``. Randomness comes from
+    torch's generator, so ``torch.manual_seed`` (and dataloader worker seeding) apply.
+
+    Args:
+        num_ops: Operations drawn per image.
+        magnitude: Strength level, 0 to 10.
+        ops: Operation names, a subset of :data:`RANDOM_AUGMENT_OPS` (default: all ten).
+        prob: Probability of applying each drawn operation.
+        fill: Grey level for pixels uncovered by geometric operations.
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 7,
+        ops: Sequence[str] | None = None,
+        prob: float = 0.5,
+        fill: int = 128,
+    ) -> None:
+        ops = tuple(ops) if ops is not None else RANDOM_AUGMENT_OPS
+        unknown = sorted(set(ops) - set(RANDOM_AUGMENT_OPS))
+        if unknown:
+            raise ValueError(
+                f"unknown RandomAugment ops {unknown}; choose from {RANDOM_AUGMENT_OPS}"
+            )
+        self.num_ops = num_ops
+        self.magnitude = magnitude
+        self.ops = ops
+        self.prob = prob
+        self.fill = fill
+
+    def op_magnitude(self, name: str) -> float:
+        """The unsigned strength of an operation at this magnitude (0 for parameter-free ops).
+
+        Args:
+            name: Operation name.
+
+        Returns:
+            Enhance factor, shear factor, pixels or degrees, depending on the operation.
+        """
+        level = self.magnitude / _MAX_LEVEL
+        if name in ("Brightness", "Sharpness"):
+            return level * 1.8 + 0.1
+        if name in ("ShearX", "ShearY"):
+            return level * 0.3
+        if name in ("TranslateX", "TranslateY"):
+            return level * 10.0
+        if name == "Rotate":
+            return level * 30.0
+        return 0.0
+
+    def apply_op(self, img: Image.Image, name: str, sign: float = 1.0) -> Image.Image:
+        """Apply one operation deterministically.
+
+        Args:
+            img: An RGB (or L) PIL image.
+            name: Operation name.
+            sign: +1 or -1, the direction of geometric operations.
+
+        Returns:
+            The transformed image (same size and mode).
+        """
+        value = self.op_magnitude(name) * sign
+        fill = (self.fill,) * len(img.getbands())
+        affine = {"resample": Image.Resampling.BILINEAR, "fillcolor": fill}
+        if name == "Identity":
+            return img
+        if name == "AutoContrast":
+            return ImageOps.autocontrast(img)
+        if name == "Equalize":
+            return ImageOps.equalize(img)
+        if name == "Brightness":
+            return ImageEnhance.Brightness(img).enhance(value)
+        if name == "Sharpness":
+            return ImageEnhance.Sharpness(img).enhance(value)
+        if name == "ShearX":
+            return img.transform(img.size, Image.Transform.AFFINE, (1, value, 0, 0, 1, 0), **affine)
+        if name == "ShearY":
+            return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, value, 1, 0), **affine)
+        if name == "TranslateX":
+            return img.transform(img.size, Image.Transform.AFFINE, (1, 0, value, 0, 1, 0), **affine)
+        if name == "TranslateY":
+            return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, value), **affine)
+        if name == "Rotate":
+            return img.rotate(value, **affine)
+        raise ValueError(f"unknown RandomAugment op {name!r}")
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        picks = torch.randint(len(self.ops), (self.num_ops,)).tolist()
+        for index in picks:
+            if torch.rand(()).item() >= self.prob:
+                continue
+            sign = 1.0 if torch.rand(()).item() < 0.5 else -1.0
+            img = self.apply_op(img, self.ops[index], sign)
+        return img
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+            f"prob={self.prob}, ops={list(self.ops)})"
+        )
+
+
+def _to_normalized_tensor() -> list[Callable]:
+    return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+
+
+def pretrain_transform(
+    image_size: int = 256,
+    augment: bool = True,
+    reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+) -> T.Compose:
+    """The pre-training transform: crop (scale 0.2-1), flip, RandomAugment(2, 7), normalise.
+
+    Args:
+        image_size: Output side length.
+        augment: Include the crop, flip and RandomAugment; ``False`` gives the eval resize.
+        reduced_decode: Allow reduced-size JPEG decoding.
+
+    Returns:
+        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+    """
+    if not augment:
+        return eval_transform(image_size, reduced_decode=reduced_decode)
+    return T.Compose(
+        [
+            RandomResizedCropRGB(image_size, scale=(0.2, 1.0), reduced_decode=reduced_decode),
+            T.RandomHorizontalFlip(),
+            RandomAugment(2, 7),
+            *_to_normalized_tensor(),
+        ]
+    )
+
+
+def finetune_transform(
+    image_size: int = 384,
+    reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+) -> T.Compose:
+    """The fine-tuning transform: as pre-training with crop scale 0.5-1 at 384 px.
+
+    Args:
+        image_size: Output side length.
+        reduced_decode: Allow reduced-size JPEG decoding.
+
+    Returns:
+        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+    """
+    return T.Compose(
+        [
+            RandomResizedCropRGB(image_size, scale=(0.5, 1.0), reduced_decode=reduced_decode),
+            T.RandomHorizontalFlip(),
+            RandomAugment(2, 7),
+            *_to_normalized_tensor(),
+        ]
+    )
+
+
+def eval_transform(image_size: int, reduced_decode: bool = DEFAULT_REDUCED_DECODE) -> T.Compose:
+    """The evaluation transform: bicubic resize to (S, S), normalise; deterministic.
+
+    Args:
+        image_size: Output side length.
+        reduced_decode: Allow reduced-size JPEG decoding.
+
+    Returns:
+        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+    """
+    return T.Compose(
+        [ResizeRGB(image_size, reduced_decode=reduced_decode), *_to_normalized_tensor()]
+    )

@@ -1,0 +1,271 @@
+"""Shard streaming: epoch arithmetic per rank and worker, bad data, captions, mixing, sizes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from shard_helpers import (
+    COCO_SAMPLE,
+    image_bytes,
+    sample_members,
+    truncated_jpeg,
+    write_good_shards,
+    write_tar,
+)
+
+from albef_pl.text import build_tokenizer
+from data_modules import SKIP_REASONS, PretrainDataModule
+from data_modules.shards import expand_shards, read_num_samples, read_shard_sizes
+
+
+def make_dm(**kwargs) -> PretrainDataModule:
+    defaults = dict(batch_size=4, num_workers=0, image_size=16, shuffle_buffer=8, seed=0)
+    defaults.update(kwargs)
+    return PretrainDataModule(**defaults)
+
+
+def ids_of(batches: list[dict]) -> list[int]:
+    return [i for b in batches for i in b["image_id"].tolist()]
+
+
+def test_train_batches_per_epoch_equal_on_two_ranks_with_two_workers(tmp_path: Path) -> None:
+    write_good_shards(tmp_path, [20, 20, 20])  # 60 samples
+    per_rank = []
+    for rank in range(2):
+        dm = make_dm(train_shards=str(tmp_path), num_workers=2)
+        dm.set_world(rank, 2)
+        loader = dm.train_dataloader()
+        epochs = [list(loader) for _ in range(2)]
+        assert len(loader) == 60 // (2 * 4) == 7
+        assert [len(e) for e in epochs] == [7, 7]
+        assert all(b["image"].shape == (4, 3, 16, 16) for e in epochs for b in e)
+        assert all(b["input_ids"].shape[0] == 4 for e in epochs for b in e)
+        assert ids_of(epochs[0]) != ids_of(epochs[1])  # a new draw each epoch
+        per_rank.append(ids_of(epochs[0]))
+    assert per_rank[0] != per_rank[1]  # ranks draw independently
+
+    # An explicit sample count overrides the sizes file.
+    dm = make_dm(train_shards=str(tmp_path), num_train_samples=40)
+    dm.set_world(1, 2)
+    assert len(dm.train_dataloader()) == 5 == len(list(dm.train_dataloader()))
+
+
+def test_batch_layout_and_tokens(tmp_path: Path) -> None:
+    write_good_shards(tmp_path, [6])
+    batch = next(iter(make_dm(train_shards=str(tmp_path)).train_dataloader()))
+    assert set(batch) == {"image", "input_ids", "attention_mask", "image_id"}
+    assert batch["image"].dtype == torch.float32
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
+    ids = batch["input_ids"]
+    assert (ids[:, 0] == 101).all() and not (ids == 102).any()  # [CLS] and no [SEP]
+    text = build_tokenizer().decode(ids[0][batch["attention_mask"][0].bool()][1:])
+    assert text == f"a photo number {batch['image_id'][0].item()}"
+
+
+def test_val_full_batches_and_equal_counts_on_ranks(tmp_path: Path) -> None:
+    write_good_shards(tmp_path, [10, 7, 5])  # 22 samples
+    dm = make_dm(val_shards=str(tmp_path), num_workers=2)
+    batches = list(dm.val_dataloader())
+    assert len(batches) == 22 // 4 == 5
+    assert all(len(b["image"]) == 4 for b in batches)
+    ids = ids_of(batches)
+    assert len(set(ids)) == 20 and set(ids) <= set(range(22))
+    assert [len(list(dm.val_dataloader())) for _ in range(2)] == [5, 5]
+
+    # Two ranks: shards 0+2 (15) and 1 (7) -> one full batch each, never more.
+    counts = []
+    for rank in range(2):
+        dm = make_dm(val_shards=str(tmp_path), num_workers=2)
+        dm.set_world(rank, 2)
+        loader = dm.val_dataloader()
+        counts.append((len(loader), len(list(loader))))
+    assert counts == [(1, 1), (1, 1)]
+
+
+def write_bad_shard(path: Path) -> None:
+    good = [m for i in range(4) for m in sample_members(f"good{i}", f"a good caption {i}", i)]
+    write_tar(
+        path,
+        good[:4]
+        + [("corrupt.jpg", b"not an image at all"), ("corrupt.txt", b"a corrupt image")]
+        + [("trunc.jpg", truncated_jpeg()), ("trunc.txt", b"a truncated image")]
+        + [("nocap.png", image_bytes())]
+        + [("noimg.txt", b"a caption without image")]
+        + [("emptycap.png", image_bytes()), ("emptycap.txt", b"  ... !! ")]
+        + [("cyrillic.png", image_bytes()), ("cyrillic.txt", "красный круг".encode())]
+        + [("badjson.png", image_bytes()), ("badjson.json", b"{not json")]
+        # Out of order: two samples whose image and caption members are interleaved.
+        + [("ooo1.png", image_bytes()), ("ooo2.png", image_bytes())]
+        + [("ooo1.txt", b"first"), ("ooo2.txt", b"second")]
+        + good[4:],
+    )
+
+
+EXPECTED_IN_SHARD = {
+    "corrupt_image": 2,
+    "missing_caption": 2,  # no caption member; a json member that does not parse
+    "missing_image": 1,
+    "empty_caption": 1,
+    "unusable_caption": 1,
+    "out_of_order": 2,
+}
+
+
+def test_every_bad_case_is_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    write_bad_shard(tmp_path / "shard-000000.tar")
+    write_tar(tmp_path / "shard-000001.tar", [])  # a valid tar without members
+    (tmp_path / "shard-000002.tar").write_bytes(b"")  # a zero-byte file
+    (tmp_path / "shard-000003.tar").write_bytes(b"this is no tar file" * 40)
+
+    # Sizes files count every written sample, bad ones included: 18 samples here, but
+    # only 4 are usable, so the epoch is filled by repeating the first batch.
+    dm = make_dm(val_shards=str(tmp_path), num_val_samples=18, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        batches = list(dm.val_dataloader())
+    assert len(batches) == 9
+    assert ids_of(batches[:2]) == [0, 1, 2, 3]
+    assert ids_of(batches[2:]) == [0, 1] * 7
+    expected = dict.fromkeys(SKIP_REASONS, 0)
+    expected.update(EXPECTED_IN_SHARD, empty_shard=2, unreadable_shard=1)
+    assert dm.skipped_counts("val") == expected
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped a sample" in messages  # the rate-limited warning during the epoch
+    assert "skipped 12 samples or shards" in messages  # the epoch summary
+    assert "ran out after 2 of 9 batches; repeating the first batch" in messages
+
+
+def test_skip_counts_travel_back_from_workers(tmp_path: Path) -> None:
+    write_bad_shard(tmp_path / "shard-000000.tar")
+    dm = make_dm(train_shards=str(tmp_path), num_train_samples=32, batch_size=4, num_workers=2)
+    loader = dm.train_dataloader()
+    assert len(list(loader)) == 8
+    counts = dm.skipped_counts()
+    # Every pass over the shard meets each bad case once; workers read whole shards.
+    passes = counts["out_of_order"] // 2
+    assert passes >= 8  # 32 good samples need at least 8 passes over 4 good ones
+    for reason, per_pass in EXPECTED_IN_SHARD.items():
+        assert passes * per_pass - 2 * per_pass <= counts[reason] <= passes * per_pass
+
+
+def test_all_bad_source_fails_loudly_instead_of_hanging(tmp_path: Path) -> None:
+    write_tar(tmp_path / "shard-000000.tar", [])
+    dm = make_dm(train_shards=str(tmp_path), num_train_samples=8)
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        list(dm.train_dataloader())
+
+
+def test_caption_lists_draw_all_captions_over_epochs(tmp_path: Path) -> None:
+    captions = [f"caption number {w}" for w in ("one", "two", "three", "four", "five")]
+    write_tar(tmp_path / "shard-000000.tar", sample_members("only", captions, 7))
+    dm = make_dm(train_shards=str(tmp_path), num_train_samples=4, batch_size=4)
+    loader = dm.train_dataloader()
+    tokenizer = build_tokenizer()
+    drawn = collections.Counter()
+    for _ in range(10):
+        for batch in loader:
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                drawn[tokenizer.decode(row[mask.bool()][1:])] += 1
+    assert set(drawn) == set(captions)
+    assert sum(drawn.values()) == 40 and min(drawn.values()) >= 3
+
+
+def test_caption_member_forms(tmp_path: Path) -> None:
+    img = image_bytes()
+    write_tar(
+        tmp_path / "shard-000000.tar",
+        [("a.png", img), ("a.txt", b"Plain TEXT caption.")]
+        + [("b.png", img), ("b.json", json.dumps("a json string").encode())]
+        + [("c.png", img), ("c.json", json.dumps({"caption": "img2dataset style"}).encode())]
+        + [("d.jpg", image_bytes(fmt="JPEG")), ("d.json", json.dumps(["list", "list"]).encode())],
+    )
+    dm = make_dm(val_shards=str(tmp_path), num_val_samples=4, batch_size=4)
+    (batch,) = list(dm.val_dataloader())
+    tokenizer = build_tokenizer()
+    texts = [
+        tokenizer.decode(r[m.bool()][1:])
+        for r, m in zip(batch["input_ids"], batch["attention_mask"])
+    ]
+    assert texts == ["plain text caption", "a json string", "img2dataset style", "list"]
+    assert "image_id" not in batch
+
+
+def test_sources_mix_by_weight(tmp_path: Path) -> None:
+    write_good_shards(tmp_path / "a", [10], first_id=0)
+    write_good_shards(tmp_path / "b", [10], first_id=100)
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+
+    dm = make_dm(train_shards=sources, train_weights=[1.0, 0.0], num_train_samples=40)
+    assert all(i < 100 for i in ids_of(list(dm.train_dataloader())))
+
+    dm = make_dm(train_shards=sources, train_weights=[3.0, 1.0], num_train_samples=400)
+    ids = ids_of(list(dm.train_dataloader()))
+    share_a = sum(i < 100 for i in ids) / len(ids)
+    assert 0.65 < share_a < 0.85
+
+
+def test_shard_lists_and_sizes(tmp_path: Path) -> None:
+    paths = write_good_shards(tmp_path, [3, 4, 5])
+    pattern = str(tmp_path / "shard-{000000..000002}.tar")
+    assert expand_shards(pattern) == [str(p) for p in paths]
+    assert expand_shards(str(tmp_path)) == [str(p) for p in paths]
+    assert expand_shards([str(paths[0]), str(paths[2])]) == [str(paths[0]), str(paths[2])]
+    assert read_num_samples(expand_shards(pattern)) == 12
+    assert read_shard_sizes([str(paths[1])]) == {str(paths[1]): 4}
+    (tmp_path / "sizes.json").unlink()
+    assert read_num_samples([str(p) for p in paths]) is None
+    with pytest.raises(ValueError, match="num_train_samples"):
+        make_dm(train_shards=pattern).train_dataloader()
+
+
+def test_img2dataset_directory_works_as_is(tmp_path: Path) -> None:
+    for shard in range(2):
+        members = []
+        for i in range(3):
+            key = f"{shard:05d}{i:04d}"
+            meta = {"caption": f"web caption {key}", "url": "http://x", "status": "success"}
+            members += [
+                (f"{key}.jpg", image_bytes(fmt="JPEG")),
+                (f"{key}.txt", f"web caption {key}".encode()),
+            ]
+            members += [(f"{key}.json", json.dumps(meta).encode())]
+        write_tar(tmp_path / f"{shard:05d}.tar", members)
+        stats = {"count": 4, "successes": 3, "failed_to_download": 1}
+        (tmp_path / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+        (tmp_path / f"{shard:05d}.parquet").write_bytes(b"PAR1")
+    dm = make_dm(train_shards=str(tmp_path), batch_size=3)
+    loader = dm.train_dataloader()
+    assert len(loader) == 2
+    assert [b["image"].shape[0] for b in loader] == [3, 3]
+    assert dm.skipped_counts() == dict.fromkeys(SKIP_REASONS, 0)
+
+
+@pytest.mark.skipif(not COCO_SAMPLE.is_dir(), reason=f"COCO sample not found at {COCO_SAMPLE}")
+def test_real_coco_shards_feed_pretraining_batches(tmp_path: Path) -> None:
+    from data_modules.shard_writer import samples_from_albef_json, write_shards
+
+    samples = samples_from_albef_json([COCO_SAMPLE / "albef_train.json"], COCO_SAMPLE)
+    result = write_shards(
+        samples, tmp_path / "shards", samples_per_shard=40, image_root=COCO_SAMPLE
+    )
+    assert result.total == 104 and not result.skipped
+
+    dm = make_dm(
+        train_shards=str(tmp_path / "shards"), batch_size=8, image_size=256, shuffle_buffer=16
+    )
+    loader = dm.train_dataloader()
+    assert len(loader) == 104 // 8
+    known_ids = {
+        int(e["image_id"]) for e in json.loads((COCO_SAMPLE / "albef_train.json").read_text())
+    }
+    for batch, _ in zip(loader, range(2)):
+        assert batch["image"].shape == (8, 3, 256, 256)
+        assert torch.isfinite(batch["image"]).all() and batch["image"].std() > 0.3
+        assert batch["input_ids"].shape[1] <= 25
+        assert (batch["input_ids"][:, 0] == 101).all()
+        assert set(batch["image_id"].tolist()) <= known_ids
+    assert sum(dm.skipped_counts().values()) == 0
