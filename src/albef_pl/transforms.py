@@ -52,6 +52,7 @@ RANDOM_AUGMENT_OPS: tuple[str, ...] = (
     "Rotate",
 )
 _MAX_LEVEL = 10.0
+_SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
 
 # NOTE: reduced-size JPEG decoding is on by default because benchmarks/bench_data.py
 # measured it faster wherever it applies and it only changes the resampling path; where
@@ -222,12 +223,13 @@ class RandomAugment:
         Args:
             img: An RGB (or L) PIL image.
             name: Operation name.
-            sign: +1 or -1, the direction of geometric operations.
+            sign: +1 or -1, the direction of geometric operations (ignored by the others).
 
         Returns:
             The transformed image (same size and mode).
         """
-        value = self.op_magnitude(name) * sign
+        # Enhance factors are never mirrored: the reference only brightens and sharpens.
+        value = self.op_magnitude(name) * (sign if name in _SIGNED_OPS else 1.0)
         fill = (self.fill,) * len(img.getbands())
         affine = {"resample": Image.Resampling.BILINEAR, "fillcolor": fill}
         if name == "Identity":
