@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from shard_helpers import (
@@ -19,7 +20,7 @@ from shard_helpers import (
 )
 
 from albef_pl.text import build_tokenizer
-from data_modules import SKIP_REASONS, PretrainDataModule
+from data_modules import SKIP_REASONS, PretrainDataModule, SkippedSamplesLogger
 from data_modules.shards import expand_shards, read_num_samples, read_shard_sizes
 
 
@@ -269,3 +270,57 @@ def test_real_coco_shards_feed_pretraining_batches(tmp_path: Path) -> None:
         assert (batch["input_ids"][:, 0] == 101).all()
         assert set(batch["image_id"].tolist()) <= known_ids
     assert sum(dm.skipped_counts().values()) == 0
+
+
+class _MeanImageModel(L.LightningModule):
+    """The smallest module that consumes the batches: a linear map of the image means."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.steps_per_epoch: list[int] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        assert batch["input_ids"].dtype == torch.int64 and "skipped" not in batch
+        return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self.layer(batch["image"].mean((2, 3))).pow(2).mean())
+
+    def on_train_epoch_start(self) -> None:
+        self.steps_per_epoch.append(0)
+
+    def on_train_batch_end(self, *args) -> None:
+        self.steps_per_epoch[-1] += 1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_sees_the_length_and_logs_skips(tmp_path: Path) -> None:
+    write_bad_shard(tmp_path / "train" / "shard-000000.tar")
+    write_good_shards(tmp_path / "val", [9])
+    dm = make_dm(
+        train_shards=str(tmp_path / "train"),
+        num_train_samples=12,
+        val_shards=str(tmp_path / "val"),
+        batch_size=4,
+    )
+    model = _MeanImageModel()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SkippedSamplesLogger()],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert len(trainer.train_dataloader) == 3 == trainer.num_training_batches
+    assert model.steps_per_epoch == [3, 3]
+    assert trainer.num_val_batches == [2]
+    metrics = trainer.callback_metrics
+    assert metrics["train/skipped_out_of_order"] >= 2 * 3  # at least 3 passes over the shard
+    assert metrics["train/skipped_empty_shard"] == 0 and metrics["val/skipped_corrupt_image"] == 0
+    assert dm.state_dict()["epochs"]["train"] == 2

@@ -1,0 +1,225 @@
+"""The shard writer (albef-pl-shards) and the synthetic shapes generator."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from shard_helpers import COCO_SAMPLE, image_bytes, truncated_jpeg
+
+from data_modules import synthetic
+from data_modules.shard_writer import (
+    check_image,
+    main,
+    samples_from_coco,
+    samples_from_folder,
+)
+
+
+def tar_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def tar_json(path: Path) -> dict[str, dict]:
+    with tarfile.open(path) as tar:
+        return {
+            m.name.split(".")[0]: json.loads(tar.extractfile(m).read())
+            for m in tar.getmembers()
+            if m.name.endswith(".json")
+        }
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def albef_input(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(5):
+        (root / f"img{i}.jpg").write_bytes(image_bytes((40 * i, 10, 10), fmt="JPEG"))
+    (root / "pic.png").write_bytes(image_bytes(fmt="PNG"))
+    (root / "mislabelled.jpg").write_bytes(image_bytes(fmt="PNG"))  # PNG bytes, .jpg name
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "truncated.jpg").write_bytes(truncated_jpeg())
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="GIF")
+    (root / "anim.gif").write_bytes(buffer.getvalue())
+
+    entries = [
+        {"image": f"img{i}.jpg", "caption": f"caption {i}a", "image_id": i} for i in range(5)
+    ]
+    entries += [{"image": "img0.jpg", "caption": "caption 0b", "image_id": 0}]  # same image
+    entries += [{"image": "pic.png", "caption": ["list one", "list two"]}]
+    entries += [{"image": "mislabelled.jpg", "caption": "a png really"}]
+    entries += [
+        {"image": "corrupt.jpg", "caption": "x"},
+        {"image": "truncated.jpg", "caption": "y"},
+    ]
+    entries += [{"image": "anim.gif", "caption": "z"}, {"image": "missing.jpg", "caption": "w"}]
+    entries += [{"image": "img4.jpg", "caption": "   "}]  # blank captions are dropped
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(entries))
+    return path, root
+
+
+def run_writer(albef_input: tuple[Path, Path], out: Path, *extra: str) -> int:
+    path, root = albef_input
+    args = ["--json", str(path), "--image-root", str(root), "--out", str(out)]
+    return main([*args, "--samples-per-shard", "3", *extra])
+
+
+def test_writer_groups_captions_sizes_match_and_skips_are_listed(albef_input, tmp_path) -> None:
+    out = tmp_path / "shards"
+    assert run_writer(albef_input, out) == 0
+
+    sizes = json.loads((out / "sizes.json").read_text())
+    shards = sorted(out.glob("*.tar"))
+    assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    for shard in shards:
+        assert sizes[shard.name] == len(tar_members(shard)) // 2
+    assert sizes["total"] == 7 == sum(v for k, v in sizes.items() if k.endswith(".tar"))
+
+    skipped = {s["image"]: s["reason"] for s in json.loads((out / "skipped.json").read_text())}
+    assert set(skipped) == {"anim.gif", "corrupt.jpg", "missing.jpg", "truncated.jpg"}
+    assert skipped["missing.jpg"] == "file not found"
+    assert skipped["anim.gif"].startswith("unsupported format GIF")
+    assert "truncated" in skipped["truncated.jpg"]
+
+    # Keys are indices of the images sorted by path; bytes are stored as they are.
+    meta = {k: v for shard in shards for k, v in tar_json(shard).items()}
+    by_image = {m["image"]: (k, m) for k, m in meta.items()}
+    assert by_image["img0.jpg"][1]["captions"] == ["caption 0a", "caption 0b"]
+    assert by_image["img0.jpg"][1]["image_id"] == 0
+    assert by_image["pic.png"][1]["captions"] == ["list one", "list two"]
+    assert by_image["img4.jpg"][1]["captions"] == ["caption 4a"]
+    # Sorted paths: anim.gif, corrupt.jpg, img0.jpg, ..., img4.jpg, mislabelled.jpg, ...
+    assert by_image["img0.jpg"][0] == "000000002"
+    members = [n for s in shards for n in tar_members(s)]
+    assert "000000007.png" in members  # mislabelled.jpg holds PNG bytes: stored as png
+    with tarfile.open(shards[0]) as tar:
+        stored = tar.extractfile(f"{by_image['img0.jpg'][0]}.jpg").read()
+    assert stored == (albef_input[1] / "img0.jpg").read_bytes()
+
+
+def test_second_run_adds_nothing_and_rewrites_identically(albef_input, tmp_path, caplog) -> None:
+    out = tmp_path / "shards"
+    run_writer(albef_input, out)
+    before = digests(out)
+    with caplog.at_level(logging.INFO, logger="data_modules"):
+        assert run_writer(albef_input, out) == 0
+    assert "up to date" in caplog.text
+    assert digests(out) == before
+    assert run_writer(albef_input, out, "--force") == 0  # a real rewrite: same bytes
+    assert digests(out) == before
+
+    # Fewer samples per shard then more: stale shards disappear, nothing is duplicated.
+    run_writer(albef_input, out, "--samples-per-shard", "2")
+    run_writer(albef_input, out, "--samples-per-shard", "100")
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+    assert len(tar_members(out / "shard-000000.tar")) == 14
+
+
+def test_coco_and_folder_inputs(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    root.mkdir()
+    for i in (1, 2):
+        (root / f"{i:012d}.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    coco = {
+        "images": [
+            {"id": 1, "file_name": f"{1:012d}.jpg"},
+            {"id": 2, "file_name": f"{2:012d}.jpg"},
+        ],
+        "annotations": [
+            {"image_id": 2, "id": 10, "caption": "two a"},
+            {"image_id": 1, "id": 11, "caption": "one a"},
+            {"image_id": 2, "id": 12, "caption": "two b"},
+        ],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    samples = {s.image.name: s for s in samples_from_coco(tmp_path / "captions.json", root)}
+    assert samples[f"{2:012d}.jpg"].captions == ["two a", "two b"]
+    assert samples[f"{1:012d}.jpg"].image_id == 1
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_bytes())
+    (folder / "a.txt").write_text("first line\n\nsecond line\n")
+    (folder / "b.webp").write_bytes(image_bytes(fmt="WEBP"))
+    (folder / "b.txt").write_text("a webp image")
+    (folder / "c.jpg").write_bytes(image_bytes(fmt="JPEG"))  # no caption file
+    found = {s.image.name: s.captions for s in samples_from_folder(folder)}
+    assert found == {
+        "a.png": ["first line", "second line"],
+        "b.webp": ["a webp image"],
+        "c.jpg": [],
+    }
+    assert main(["--folder", str(folder), "--out", str(tmp_path / "out")]) == 0
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert skipped == [{"image": "c.jpg", "reason": "no caption"}]
+    assert check_image(folder / "b.webp") == ("webp", None)
+
+
+@pytest.mark.skipif(not COCO_SAMPLE.is_dir(), reason=f"COCO sample not found at {COCO_SAMPLE}")
+def test_coco_captions_file_of_the_sample(tmp_path: Path) -> None:
+    samples = samples_from_coco(
+        COCO_SAMPLE / "captions_val2017_subset.json", COCO_SAMPLE / "images"
+    )
+    assert len(samples) == 134 and all(len(s.captions) >= 5 for s in samples)
+
+
+def test_synthetic_shapes_are_fast_exact_and_deterministic(tmp_path: Path) -> None:
+    assert (
+        synthetic.main(
+            [
+                "--out",
+                str(tmp_path / "a"),
+                "--num-train",
+                "300",
+                "--num-val",
+                "40",
+                "--samples-per-shard",
+                "128",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
+    sizes = json.loads((tmp_path / "a" / "shards" / "sizes.json").read_text())
+    assert sizes == {
+        "synthetic-000000.tar": 128,
+        "synthetic-000001.tar": 128,
+        "synthetic-000002.tar": 44,
+        "total": 300,
+    }
+    assert json.loads((tmp_path / "a" / "val_shards" / "sizes.json").read_text())["total"] == 40
+    synthetic.write_split(tmp_path / "b", 300, seed=5, samples_per_shard=128)
+    assert digests(tmp_path / "a" / "shards") == digests(tmp_path / "b")
+
+    # The caption says what is drawn: check the colour at each shape's centre.
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = synthetic.random_scene(rng)
+        img = synthetic.draw_scene(scene, 64)
+        words = scene.caption.split()
+        for shape in scene.shapes:
+            assert shape.kind in words and shape.color in words and shape.size in words
+            x, y = (int(c * 64) for c in shape.center)
+            assert img.getpixel((x, y)) == synthetic.COLORS[shape.color]
+        if len(scene.shapes) == 2:
+            a, b = scene.shapes
+            relation = " ".join(words[4:-4])  # "a small red circle <relation> a large ..."
+            dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+            expected = {"left of": dx > 0, "right of": dx < 0, "above": dy > 0, "below": dy < 0}
+            assert expected[relation]
