@@ -14,6 +14,7 @@ batches per epoch, so ranks stay in step and ``len(trainer.train_dataloader)`` i
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,7 @@ from data_modules.shards import (
     EpochLoader,
     ShardStream,
     expand_shards,
+    is_url,
     read_shard_sizes,
 )
 
@@ -41,9 +43,13 @@ def _as_sources(spec: str | list[str] | None) -> list[list[str]]:
         return []
     specs = [spec] if isinstance(spec, str) else list(spec)
     sources = [expand_shards(s) for s in specs]
-    for s, shards in zip(specs, sources):
-        if not shards:
-            raise FileNotFoundError(f"no shards match {s!r}")
+    for spec, shards in zip(specs, sources, strict=True):
+        missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
+        if not shards or missing:
+            example = f", e.g. {missing[0]}" if missing else ""
+            raise FileNotFoundError(
+                f"shards {spec!r}: {len(missing)} of {len(shards)} local files missing{example}"
+            )
     return sources
 
 

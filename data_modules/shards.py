@@ -53,6 +53,7 @@ __all__ = [
     "ShardStream",
     "SkipCounter",
     "expand_shards",
+    "is_url",
     "read_num_samples",
     "read_shard_sizes",
 ]
@@ -122,7 +123,8 @@ class SkipCounter:
 # shard lists and sizes
 
 
-def _is_url(spec: str) -> bool:
+def is_url(spec: str) -> bool:
+    """Whether a shard name has a URL scheme (``http:``, ``pipe:``, ``s3:``...)."""
     scheme = urlparse(spec).scheme
     return len(scheme) > 1  # a Windows drive letter is not a scheme
 
@@ -141,7 +143,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     shards: list[str] = []
     for item in specs:
-        if not _is_url(item) and Path(item).is_dir():
+        if not is_url(item) and Path(item).is_dir():
             shards.extend(sorted(str(p) for p in Path(item).glob("*.tar")))
         else:
             shards.extend(expand_urls(item))
@@ -150,7 +152,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 def _read_json(location: str) -> Any | None:
     try:
-        if _is_url(location):
+        if is_url(location):
             with wds.gopen(location) as stream:
                 return json.loads(stream.read())
         path = Path(location)
@@ -161,14 +163,14 @@ def _read_json(location: str) -> Any | None:
 
 
 def _parent_and_name(shard: str) -> tuple[str, str]:
-    if _is_url(shard):
+    if is_url(shard):
         head, _, name = shard.rpartition("/")
         return head, name
     return str(Path(shard).parent), Path(shard).name
 
 
 def _join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if _is_url(parent) else str(Path(parent) / name)
+    return f"{parent}/{name}" if is_url(parent) else str(Path(parent) / name)
 
 
 def read_shard_sizes(shards: Sequence[str]) -> dict[str, int] | None:

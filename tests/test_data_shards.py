@@ -324,3 +324,12 @@ def test_lightning_sees_the_length_and_logs_skips(tmp_path: Path) -> None:
     assert metrics["train/skipped_out_of_order"] >= 2 * 3  # at least 3 passes over the shard
     assert metrics["train/skipped_empty_shard"] == 0 and metrics["val/skipped_corrupt_image"] == 0
     assert dm.state_dict()["epochs"]["train"] == 2
+
+
+def test_missing_local_shards_fail_with_a_clear_message(tmp_path: Path) -> None:
+    write_good_shards(tmp_path, [2])
+    dm = make_dm(train_shards=str(tmp_path / "shard-{000000..000001}.tar"))
+    with pytest.raises(FileNotFoundError, match="1 of 2 local files missing"):
+        dm.train_dataloader()
+    with pytest.raises(FileNotFoundError, match="1 of 1 local files missing"):
+        make_dm(val_shards=str(tmp_path / "no_such_dir")).val_dataloader()
