@@ -37,8 +37,11 @@ demo: install shards-demo
 
 # ---- real data
 $(DATA)/coco_sample/shards/sizes.json: | install
+	@test -d $(SHARED)/data/coco_sample || { echo "$(SHARED)/data/coco_sample not found: set SHARED=/path/to/shared"; exit 1; }
 	$(VENV)/bin/albef-pl-shards --json $(SHARED)/data/coco_sample/albef_train.json \
-	  --image-root $(SHARED)/data/coco_sample --out $(DATA)/coco_sample/shards --samples-per-shard 128
+	  --image-root $(SHARED)/data/coco_sample --out $(DATA)/coco_sample/shards --samples-per-shard 32
+	$(VENV)/bin/albef-pl-shards --json $(SHARED)/data/coco_sample/albef_test.json \
+	  --image-root $(SHARED)/data/coco_sample --out $(DATA)/coco_sample/val_shards --samples-per-shard 32
 
 shards-sample: $(DATA)/coco_sample/shards/sizes.json
 

@@ -20,9 +20,9 @@ class ALBEFCLI(LightningCLI):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning`` / ``albef-pl``: ``fit``, ``validate``, ``test``, ``predict``."""
-    ALBEFCLI(
+def run_cli(args: list[str] | None = None) -> ALBEFCLI:
+    """Run the CLI on ``args`` (``sys.argv`` when None) and return it (trainer, model, data)."""
+    return ALBEFCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -31,6 +31,11 @@ def main(args: list[str] | None = None) -> None:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning`` / ``albef-pl``: ``fit``, ``validate``, ``test``, ``predict``."""
+    run_cli(args)
 
 
 if __name__ == "__main__":
