@@ -429,8 +429,10 @@ def _trainer(**kw) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
-@pytest.fixture
-def converted(tmp_path):
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny task, and the CLI's conversion of its official export (read-only for tests)."""
+    tmp_path = tmp_path_factory.mktemp("converted")
     src = tiny_task(seed=1)
     official = tmp_path / "official.pth"
     torch.save({"model": export_official(src), "epoch": 29}, official)
