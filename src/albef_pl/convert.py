@@ -600,7 +600,7 @@ class LoadReport:
             lines.append(f"  unexpected ({len(self.unexpected)}): {few(self.unexpected)}")
         reasons: dict[str, int] = {}
         for why in list(self.dropped.values()) + list(self.kept.values()):
-            why = re.sub(r"\b\w+(\.\w+)+", "<key>", why)  # group reasons naming keys
+            why = re.sub(r"\b\w+(\.\w+){2,}", "<key>", why)  # group reasons naming keys
             reasons[why] = reasons.get(why, 0) + 1
         lines += [f"  {n} x {why}" for why, n in reasons.items()]
         lines += [f"  {key}: {how}" for key, how in self.adapted.items()]
