@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from albef_pl.losses import itc_loss, itm_loss, sample_hard_negatives
 from albef_pl.models import ALBEF, TextConfig, VisionConfig
@@ -162,8 +163,9 @@ class ALBEFTask(L.LightningModule):
         temp = self.model.temp
 
         # Student and teacher unimodal features.
-        s = self.model.features(image, input_ids, attention_mask)
-        with torch.no_grad():
+        with record_function("albef/student_encoders"):
+            s = self.model.features(image, input_ids, attention_mask)
+        with torch.no_grad(), record_function("albef/teacher_encoders"):
             t = self.teacher.features(image, input_ids, attention_mask)
             image_feat_all = torch.cat([t.image_feat.float().T, self.queue.image_queue], dim=1)
             text_feat_all = torch.cat([t.text_feat.float().T, self.queue.text_queue], dim=1)
@@ -180,17 +182,20 @@ class ALBEFTask(L.LightningModule):
 
         # ITM: positives plus one hard negative per text and per image, in one fusion pass.
         b = image.shape[0]
-        neg = sample_hard_negatives(
-            sim_i2t[:, :b], sim_t2i[:, :b], idx, generator if generator is not None else self.generator
-        )
+        with record_function("albef/hard_negatives"):
+            neg = sample_hard_negatives(
+                sim_i2t[:, :b], sim_t2i[:, :b], idx,
+                generator if generator is not None else self.generator,
+            )
         vt, vi = neg.text_valid, neg.image_valid
         text_rows = torch.cat([torch.arange(b, device=self.device), torch.nonzero(vt)[:, 0],
                                neg.text_for_image[vi]])
         image_rows = torch.cat([torch.arange(b, device=self.device), neg.image_for_text[vt],
                                 torch.nonzero(vi)[:, 0]])
-        logits = self.model.itm_logits(
-            s.text_embeds[text_rows], attention_mask[text_rows], s.image_embeds[image_rows]
-        )
+        with record_function("albef/itm_fusion"):
+            logits = self.model.itm_logits(
+                s.text_embeds[text_rows], attention_mask[text_rows], s.image_embeds[image_rows]
+            )
         loss_itm = itm_loss(logits[:b], logits[b:])
         return {
             "loss_itc": itc.loss,

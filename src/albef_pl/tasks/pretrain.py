@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from albef_pl.losses import IGNORE_INDEX, mask_tokens, mlm_loss
 from albef_pl.tasks.base import ALBEFTask
@@ -41,6 +42,10 @@ class PretrainTask(ALBEFTask):
         generator: torch.Generator,
     ) -> torch.Tensor:
         """Mask, predict with image context, distil from the teacher."""
+        with record_function("albef/mlm"):
+            return self._mlm(input_ids, attention_mask, out, generator)
+
+    def _mlm(self, input_ids, attention_mask, out, generator) -> torch.Tensor:
         h = self.hparams
         masked, labels = mask_tokens(
             input_ids,
