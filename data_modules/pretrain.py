@@ -162,7 +162,7 @@ class PretrainDataModule(L.LightningDataModule):
         stream = ShardStream(
             sources,
             batch_size=self.batch_size,
-            transform=pretrain_transform(self.image_size, augment=self.augment),
+            transform=pretrain_transform(self.image_size, augment=self.augment, normalize=False),
             tokenizer=self.tokenizer,
             resampled=True,
             weights=weights,
@@ -213,7 +213,7 @@ class PretrainDataModule(L.LightningDataModule):
         stream = ShardStream(
             [shards],
             batch_size=self.batch_size,
-            transform=eval_transform(self.image_size),
+            transform=eval_transform(self.image_size, normalize=False),
             tokenizer=self.tokenizer,
             resampled=False,
             rank=rank,

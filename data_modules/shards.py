@@ -42,6 +42,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tar_file_iterator
 
 from albef_pl.text import CaptionTokenizer, is_usable_caption, pre_caption
+from albef_pl.transforms import normalize_images
 
 _logger = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ class ShardStream(IterableDataset):
     Args:
         sources: One shard list per source (training mixes the sources by ``weights``).
         batch_size: Samples per batch.
-        transform: PIL image (opened, maybe not decoded) -> float tensor (3, S, S).
+        transform: PIL image (opened, maybe not decoded) -> tensor (3, S, S), either
+            normalised float32 or uint8 (then normalised per batch with CLIP statistics).
         tokenizer: Turns the cleaned captions of a batch into ids and masks.
         resampled: Draw shards with replacement forever (training); otherwise read this
             rank's and worker's share of the shards once, in order (validation).
@@ -488,7 +490,10 @@ class ShardStream(IterableDataset):
             yield {"skipped": counter.take_pending()}
 
     def _collate(self, samples: list[dict[str, Any]], counter: SkipCounter) -> dict[str, Any]:
-        batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+        images = torch.stack([s["image"] for s in samples])
+        if images.dtype == torch.uint8:
+            images = normalize_images(images)  # one vectorised pass for the whole batch
+        batch: dict[str, Any] = {"image": images}
         batch.update(self.tokenizer([s["caption"] for s in samples]))
         ids = [s["image_id"] for s in samples]
         if any(i is not None for i in ids):

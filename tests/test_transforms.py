@@ -20,6 +20,7 @@ from albef_pl.transforms import (
     ResizeRGB,
     eval_transform,
     finetune_transform,
+    normalize_images,
     pretrain_transform,
 )
 
@@ -173,3 +174,16 @@ def test_eval_transform_matches_the_official_test_transform() -> None:
     tf = eval_transform(32, reduced_decode=True)
     images = torch.stack([tf(Image.open(root / f)) for f in inputs["image_files"]])
     assert (images - expected).abs().mean() < 0.06
+
+
+def test_batch_normalisation_equals_the_per_image_transform() -> None:
+    img = gradient_image(40, 30)
+    per_image = eval_transform(16)(img)
+    raw = eval_transform(16, normalize=False)(img)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 16, 16)
+    assert torch.equal(normalize_images(raw[None])[0], per_image)
+    torch.manual_seed(1)
+    a = pretrain_transform(16)(img)
+    torch.manual_seed(1)
+    b = normalize_images(pretrain_transform(16, normalize=False)(img))
+    assert torch.equal(a, b)

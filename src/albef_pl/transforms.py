@@ -32,6 +32,7 @@ __all__ = [
     "ResizeRGB",
     "eval_transform",
     "finetune_transform",
+    "normalize_images",
     "pretrain_transform",
 ]
 
@@ -270,14 +271,35 @@ class RandomAugment:
         )
 
 
-def _to_normalized_tensor() -> list[Callable]:
-    return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) to CLIP-normalised float32, as ToTensor + Normalize.
+
+    The arithmetic is the same, in the same order (divide by 255, subtract the mean, divide
+    by the std), so the result equals the per-image transform bit for bit; on a whole batch
+    it is one vectorised pass instead of many small ones.
+
+    Args:
+        images: uint8 tensor with channels third from last.
+
+    Returns:
+        float32 tensor of the same shape.
+    """
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return images.to(torch.float32).div(255).sub(mean).div(std)
+
+
+def _to_tensor(normalize: bool) -> list[Callable]:
+    if normalize:
+        return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    return [T.PILToTensor()]  # uint8; normalise later, e.g. per batch with normalize_images
 
 
 def pretrain_transform(
     image_size: int = 256,
     augment: bool = True,
     reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+    normalize: bool = True,
 ) -> T.Compose:
     """The pre-training transform: crop (scale 0.2-1), flip, RandomAugment(2, 7), normalise.
 
@@ -285,18 +307,20 @@ def pretrain_transform(
         image_size: Output side length.
         augment: Include the crop, flip and RandomAugment; ``False`` gives the eval resize.
         reduced_decode: Allow reduced-size JPEG decoding.
+        normalize: End with ToTensor + Normalize (float32); ``False`` ends with a uint8
+            tensor for :func:`normalize_images`.
 
     Returns:
-        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+        A callable from a PIL image (decoded or not) to a tensor (3, S, S).
     """
     if not augment:
-        return eval_transform(image_size, reduced_decode=reduced_decode)
+        return eval_transform(image_size, reduced_decode=reduced_decode, normalize=normalize)
     return T.Compose(
         [
             RandomResizedCropRGB(image_size, scale=(0.2, 1.0), reduced_decode=reduced_decode),
             T.RandomHorizontalFlip(),
             RandomAugment(2, 7),
-            *_to_normalized_tensor(),
+            *_to_tensor(normalize),
         ]
     )
 
@@ -304,36 +328,41 @@ def pretrain_transform(
 def finetune_transform(
     image_size: int = 384,
     reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+    normalize: bool = True,
 ) -> T.Compose:
     """The fine-tuning transform: as pre-training with crop scale 0.5-1 at 384 px.
 
     Args:
         image_size: Output side length.
         reduced_decode: Allow reduced-size JPEG decoding.
+        normalize: End with ToTensor + Normalize (float32), else with a uint8 tensor.
 
     Returns:
-        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+        A callable from a PIL image (decoded or not) to a tensor (3, S, S).
     """
     return T.Compose(
         [
             RandomResizedCropRGB(image_size, scale=(0.5, 1.0), reduced_decode=reduced_decode),
             T.RandomHorizontalFlip(),
             RandomAugment(2, 7),
-            *_to_normalized_tensor(),
+            *_to_tensor(normalize),
         ]
     )
 
 
-def eval_transform(image_size: int, reduced_decode: bool = DEFAULT_REDUCED_DECODE) -> T.Compose:
+def eval_transform(
+    image_size: int,
+    reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+    normalize: bool = True,
+) -> T.Compose:
     """The evaluation transform: bicubic resize to (S, S), normalise; deterministic.
 
     Args:
         image_size: Output side length.
         reduced_decode: Allow reduced-size JPEG decoding.
+        normalize: End with ToTensor + Normalize (float32), else with a uint8 tensor.
 
     Returns:
-        A callable from a PIL image (decoded or not) to a float tensor (3, S, S).
+        A callable from a PIL image (decoded or not) to a tensor (3, S, S).
     """
-    return T.Compose(
-        [ResizeRGB(image_size, reduced_decode=reduced_decode), *_to_normalized_tensor()]
-    )
+    return T.Compose([ResizeRGB(image_size, reduced_decode=reduced_decode), *_to_tensor(normalize)])
