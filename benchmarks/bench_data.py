@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     blobs = [f.read_bytes() for f in files]
 
+    main_threads = torch.get_num_threads()
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # as inside a dataloader worker
     transform_rows = bench_transforms(blobs, args.image_size, args.repeats)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(main_threads)  # the loader's main process runs as a user's would
     workers = [int(w) for w in args.workers.split(",")]
     loader_rows = bench_loader(
         args.images, args.image_size, args.batch_size, args.loader_batches, workers
@@ -193,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ))  # fmt: skip
     print()
     print(
-        f"whole pre-training loader, batch {args.batch_size}, {args.image_size} px "
-        f"({os.cpu_count()} CPUs)"
+        f"whole pre-training loader, batch {args.batch_size}, {args.image_size} px, "
+        f"{os.cpu_count()} CPUs, {main_threads} torch threads in the main process, "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     print(_table(
         ["workers", "images/s", "first batch (s)"],
@@ -215,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "pillow": Image.__version__,
+                "main_process_torch_threads": main_threads,
+                # Other processes compete for the CPUs: read the numbers with this in mind.
+                "load_average_1min": [load_before, os.getloadavg()[0]],
             },
         }
         args.out.write_text(json.dumps(report, indent=1) + "\n")
