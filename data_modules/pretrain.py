@@ -271,6 +271,8 @@ class PretrainDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch counters, so a resumed run does not replay the same random draws."""
+        # FIXME: the position inside an epoch is not saved; a mid-epoch resume starts the
+        # next epoch's fresh random stream (resampling makes this harmless, not exact).
         epochs = dict(self._epochs)
         epochs.update({split: loader.epoch for split, loader in self._loaders.items()})
         return {"epochs": epochs}
