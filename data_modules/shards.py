@@ -383,7 +383,6 @@ class ShardStream(IterableDataset):
             emitted.add(key)
             sample = self._parse(members, where, counter)
             if sample is not None:
-                sample["__shard__"] = shard
                 yield sample
 
         for key, exts in pending.items():
