@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
+    from data_modules.retrieval import RetrievalDataModule
     from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
 
 _EXPORTS = {
     "PretrainDataModule": "data_modules.pretrain",
     "SkippedSamplesLogger": "data_modules.pretrain",
+    "RetrievalDataModule": "data_modules.retrieval",
     "SKIP_REASONS": "data_modules.shards",
     "EpochLoader": "data_modules.shards",
     "ShardStream": "data_modules.shards",
@@ -25,6 +27,7 @@ __all__ = [
     "SKIP_REASONS",
     "EpochLoader",
     "PretrainDataModule",
+    "RetrievalDataModule",
     "ShardStream",
     "SkippedSamplesLogger",
 ]
