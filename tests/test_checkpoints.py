@@ -74,3 +74,18 @@ def test_vit_from_a_local_deit_file_resizes_pos_embed(tmp_path) -> None:
     assert vit.pos_embed.shape == (1, 17, 32)
     assert torch.equal(vit.pos_embed[:, 0], deit.pos_embed[:, 0])  # [CLS] kept
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, deit.blocks[1].mlp.fc2.weight)
+
+
+def test_use_layers_keeps_the_first_layers_of_a_pretrained_bert(tmp_path) -> None:
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    bert = read_state_dict(next(tmp_path.glob("*.safetensors")))
+    model = ALBEF(tiny_vision(), TextConfig(pretrained=str(tmp_path), use_layers=3,
+                                            num_text_layers=2), embed_dim=16)
+    assert len(model.text_encoder.layers) == 2 and len(model.fusion_encoder.layers) == 1
+    assert torch.equal(model.state_dict()["fusion_encoder.layers.0.output.dense.weight"],
+                       bert["bert.encoder.layer.2.output.dense.weight"])
+    with pytest.raises(ValueError, match="use_layers"):
+        TextConfig(pretrained=str(tmp_path), use_layers=9).to_bert_config()

@@ -155,8 +155,12 @@ def load_bert_weights(model: nn.Module, name_or_path: str) -> None:
     """
     directory = Path(resolve_bert_path(name_or_path))
     k = len(model.text_encoder.layers)
+    total = k + len(model.fusion_encoder.layers)
     ours: dict[str, torch.Tensor] = {}
     for key, value in _bert_files(directory).items():
+        layer = re.match(r"(?:bert\.)?encoder\.layer\.(\d+)\.", key)
+        if layer and int(layer.group(1)) >= total:
+            continue  # text.use_layers keeps only the first layers
         new = bert_key_to_ours(key, k)
         if new is not None:
             ours[new] = value

@@ -57,6 +57,8 @@ class TextConfig:
         num_text_layers: layers of the text-only encoder (ALBEF's ``fusion_layer``, 6 for
             BERT-base); the rest become fusion layers with new cross-attention.
         grad_checkpointing: recompute layer activations in backward.
+        use_layers: keep only the first ``use_layers`` layers of a pretrained model (text plus
+            fusion), e.g. 4 of MiniLM's 6 for a faster small model; None keeps them all.
     """
 
     pretrained: str | None = "bert-base-uncased"
@@ -73,6 +75,7 @@ class TextConfig:
     hidden_act: str = "gelu"
     num_text_layers: int = 6
     grad_checkpointing: bool = False
+    use_layers: int | None = None
 
     def to_bert_config(self) -> BertConfig:
         """A ``transformers.BertConfig`` with these sizes (or the pretrained model's)."""
@@ -82,6 +85,13 @@ class TextConfig:
             cfg = BertConfig.from_pretrained(resolve_bert_path(self.pretrained))
             cfg.hidden_dropout_prob = self.hidden_dropout_prob
             cfg.attention_probs_dropout_prob = self.attention_probs_dropout_prob
+            if self.use_layers is not None:
+                if not 1 < self.use_layers <= cfg.num_hidden_layers:
+                    raise ValueError(
+                        f"text.use_layers={self.use_layers} must be in 2..{cfg.num_hidden_layers} "
+                        f"for {self.pretrained}"
+                    )
+                cfg.num_hidden_layers = self.use_layers
         else:
             cfg = BertConfig(
                 vocab_size=self.vocab_size,
