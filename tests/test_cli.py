@@ -100,3 +100,47 @@ def test_coco_sample_fit_then_validate_smoke(tmp_path, monkeypatch):
     _fit_then_validate(ROOT / "conf/pretrain_coco_sample.yaml", "runs/coco_sample",
                        ["--data.batch_size", "4", "--data.num_workers", "0",
                         "--data.num_train_samples", "16"])
+
+
+def test_converted_official_checkpoint_validates_through_the_cli(tmp_path, monkeypatch):
+    from albef_pl.convert import export_official
+    from albef_pl.convert import main as convert
+    from albef_pl.tasks import PretrainTask
+    from data_modules.synthetic import main as synth
+
+    from conftest import tiny_text, tiny_vision
+
+    monkeypatch.chdir(tmp_path)
+    synth(["--out", "data/demo", "--num-train", "16", "--num-val", "16",
+           "--samples-per-shard", "16", "--image-size", "32"])
+    torch.manual_seed(0)
+    src = PretrainTask(vision=tiny_vision(), text=tiny_text(vocab_size=30522), embed_dim=16,
+                       queue_size=8, init_weights=False)
+    torch.save({"model": export_official(src)}, tmp_path / "official.pth")
+    assert convert([str(tmp_path / "official.pth"), str(tmp_path / "ours.ckpt"),
+                    "--vision-heads", "2", "--text-heads", "2"]) == 0
+    # The demo config names other model sizes: the checkpoint's hyper-parameters win.
+    cli = run_cli(["validate", "--config", str(ROOT / "conf/demo.yaml"),
+                   "--ckpt_path", str(tmp_path / "ours.ckpt"), "--data.image_size", "32",
+                   "--data.batch_size", "8", "--data.num_workers", "0",
+                   "--trainer.enable_progress_bar", "false"])
+    for key, value in src.model.state_dict().items():
+        assert torch.equal(cli.model.model.state_dict()[key], value), key
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+
+
+def test_readme_custom_task_example_trains_smoke(tmp_path, monkeypatch):
+    from data_modules.synthetic import main as synth
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    synth(["--out", "data/demo", "--num-train", "16", "--num-val", "16",
+           "--samples-per-shard", "16"])
+    cli = run_cli(["fit", "--config", str(ROOT / "conf/demo.yaml"),
+                   "--model.class_path", "custom_task.MyTask",
+                   "--data.batch_size", "8", "--data.num_workers", "0",
+                   "--data.num_train_samples", "16", "--trainer.max_epochs", "1",
+                   "--trainer.enable_progress_bar", "false"])
+    assert type(cli.model).__name__ == "MyTask"
+    assert hasattr(cli.model.teacher, "length_head")
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss_length"]))

@@ -996,6 +996,10 @@ def lightning_checkpoint(task: nn.Module, **extra: Any) -> dict[str, Any]:
     """
     import lightning
 
+    hparams = dict(task.hparams)
+    # LightningCLI rebuilds the model from these when given --ckpt_path; without the class
+    # path it would try them on the generic LightningModule and fail.
+    hparams.setdefault("_class_path", f"{type(task).__module__}.{type(task).__qualname__}")
     ckpt: dict[str, Any] = {
         "epoch": 0,
         "global_step": 0,
@@ -1003,7 +1007,7 @@ def lightning_checkpoint(task: nn.Module, **extra: Any) -> dict[str, Any]:
         "state_dict": task.state_dict(),
         "optimizer_states": [],
         "lr_schedulers": [],
-        "hyper_parameters": dict(task.hparams),
+        "hyper_parameters": hparams,
     }
     if getattr(task, "_hparams_name", None):
         ckpt["hparams_name"] = task._hparams_name
