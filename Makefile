@@ -61,6 +61,7 @@ finetune-retrieval-flickr: install
 	$(CLI) fit --config conf/finetune/retrieval_flickr.yaml $(ARGS)
 
 finetune-retrieval-sample: install
+	@test -f runs/coco_sample/checkpoints/last.ckpt || { echo "no pre-trained checkpoint at runs/coco_sample/checkpoints/last.ckpt: run 'make pretrain-sample' first (or add --model.init_checkpoint null via ARGS)"; exit 1; }
 	$(CLI) fit --config conf/finetune/retrieval_coco_sample.yaml $(ARGS)
 
 bench: install

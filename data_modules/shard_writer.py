@@ -413,7 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         force=args.force,
     )
-    return 0 if result.total > 0 else 1
+    if result.total == 0:
+        _logger.error(
+            "no sample written to %s: every image was missing or unreadable (see %s). Image "
+            "paths are resolved against --image-root (here %s); pass the folder the json's "
+            "paths are relative to.", args.out, Path(args.out) / "skipped.json", Path(root).resolve()
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -132,3 +132,18 @@ def test_resume_is_exact(tmp_path):
             torch.testing.assert_close(task_c.state_dict()[key], value, rtol=0, atol=1e-7,
                                        msg=key)
     assert task_c.queue.queue_ptr.item() == task_a.queue.queue_ptr.item()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lr": -1.0}, "model.lr"), ({"alpha": 2.0}, "model.alpha"), ({"queue_size": 0}, "queue_size"),
+    ({"momentum": 1.0}, "model.momentum"), ({"init_checkpoint": "/nope.ckpt"}, "make pretrain"),
+])
+def test_out_of_range_options_fail_before_the_model_is_built(kw, match, monkeypatch):
+    import albef_pl.tasks.base as base
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the options were checked")
+
+    monkeypatch.setattr(base, "ALBEF", no_build)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        PretrainTask(vision=tiny_vision(), text=tiny_text(), **kw)

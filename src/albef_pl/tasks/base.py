@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -92,6 +93,20 @@ class ALBEFTask(L.LightningModule):
             raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
+        for name, value in (("lr", lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
+                            ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
+            if value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"model.{name} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                                 f"got {value}")
+        if queue_size < 1 or embed_dim < 1:
+            raise ValueError(f"model.queue_size and model.embed_dim must be >= 1, got "
+                             f"{queue_size} and {embed_dim}")
+        if init_checkpoint and not Path(init_checkpoint).is_file():
+            raise FileNotFoundError(
+                f"model.init_checkpoint: no file at {init_checkpoint}. Train or convert one "
+                "first (e.g. `make pretrain-sample` for the COCO-sample recipes, or "
+                "`albef-pl-convert ALBEF.pth ...`), or set it to null."
+            )
         self.save_hyperparameters(ignore=["vision", "text"])
         self.hparams["vision"] = dataclasses.asdict(vision)
         self.hparams["text"] = dataclasses.asdict(text)

@@ -29,9 +29,9 @@ class PretrainTask(ALBEFTask):
         special_token_ids: tuple[int, ...] = (0, 101, 102),
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"model.mlm_probability must be in (0, 1), got {mlm_probability}")
+        super().__init__(*args, **kwargs)
         self.save_hyperparameters("mlm_probability", "mask_token_id", "special_token_ids")
 
     def mlm(
