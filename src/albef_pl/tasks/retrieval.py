@@ -268,36 +268,28 @@ class RetrievalTask(ALBEFTask):
             )
 
         # Everything but the local image tokens goes to every process, in data-set order.
-        device = self.device
         n_i, n_t = buf.num_images, buf.num_texts
-        image_index = concat_all_gather(torch.cat(buf.image_index).to(device))
-        image_feat = torch.zeros(n_i, buf.image_feat[0].shape[1], device=device)
-        image_feat[image_index] = concat_all_gather(torch.cat(buf.image_feat))
-        image_ok = torch.zeros(n_i, dtype=torch.bool, device=device)
-        valid = torch.cat(buf.image_valid).to(device).long()  # collectives and bool disagree
-        image_ok[image_index] = concat_all_gather(valid).bool()
+        local_index = torch.cat(buf.image_index).to(self.device)
+        image_index = concat_all_gather(local_index)
+        image_feat = _in_set_order(image_index, torch.cat(buf.image_feat), n_i)
+        valid = torch.cat(buf.image_valid).to(self.device).long()  # collectives and bool disagree
+        image_ok = _in_set_order(image_index, valid, n_i).bool()
 
-        text_index = concat_all_gather(torch.cat(buf.text_index).to(device))
-        text_feat = torch.zeros(n_t, buf.text_feat[0].shape[1], device=device)
-        text_feat[text_index] = concat_all_gather(torch.cat(buf.text_feat))
-        local_text = torch.cat(buf.text_embeds)
-        text_embeds = local_text.new_zeros(n_t, *local_text.shape[1:])
-        text_embeds[text_index] = concat_all_gather(local_text)
-        local_mask = torch.cat(buf.text_mask)
-        text_mask = local_mask.new_zeros(n_t, local_mask.shape[1])
-        text_mask[text_index] = concat_all_gather(local_mask)
-        txt2img = torch.full((n_t,), -1, dtype=torch.long, device=device)
-        txt2img[text_index] = concat_all_gather(torch.cat(buf.text_image_index).to(device))
+        text_index = concat_all_gather(torch.cat(buf.text_index).to(self.device))
+        text_feat = _in_set_order(text_index, torch.cat(buf.text_feat), n_t)
+        text_embeds = _in_set_order(text_index, torch.cat(buf.text_embeds), n_t)
+        text_mask = _in_set_order(text_index, torch.cat(buf.text_mask), n_t)
+        txt2img = torch.cat(buf.text_image_index).to(self.device)
+        txt2img = _in_set_order(text_index, txt2img, n_t, fill=-1)
 
         # Keep captions that were embedded and whose image decoded; images with a caption.
         text_ok = (txt2img >= 0) & image_ok[txt2img.clamp_min(0)]
         image_ok &= torch.zeros_like(image_ok).index_fill_(0, txt2img[text_ok], True)
         self._report_dropped(stage, n_i, n_t, image_ok, text_ok)
         keep_i, keep_t = torch.nonzero(image_ok)[:, 0], torch.nonzero(text_ok)[:, 0]
-        new_row = torch.full((n_i,), -1, dtype=torch.long, device=device)
-        new_row[keep_i] = torch.arange(len(keep_i), device=device)
+        new_row = torch.full((n_i,), -1, dtype=torch.long, device=self.device)
+        new_row[keep_i] = torch.arange(len(keep_i), device=self.device)
 
-        local_index = torch.cat(buf.image_index).to(device)
         local_keep = image_ok[local_index]
         compact_txt2img = new_row[txt2img[keep_t]].tolist()
         img2txt: list[list[int]] = [[] for _ in range(len(keep_i))]
@@ -385,6 +377,18 @@ class RetrievalTask(ALBEFTask):
         save_top_images_grid(out_dir / "retrieval_top5.png", captions_out,
                               shown[: h.predict_grid_captions])
         _logger.info("predictions written to %s", out_dir)
+
+
+def _in_set_order(
+    index: torch.Tensor, local: torch.Tensor, size: int, fill: float = 0
+) -> torch.Tensor:
+    """Rows from every process, (size, ...) in data-set order; rows nobody had get ``fill``.
+
+    ``index`` is the already gathered data-set index of the gathered rows.
+    """
+    out = local.new_full((size, *local.shape[1:]), fill)
+    out[index] = concat_all_gather(local)
+    return out
 
 
 def save_top_images_grid(path: Path, captions: list[dict], rows: list[int], top: int = 5) -> None:
