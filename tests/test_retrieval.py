@@ -87,6 +87,15 @@ def test_itc_only_and_itc_plus_itm_scores():
     torch.testing.assert_close(both.i2t, itm.i2t + fi @ ft.T, atol=1e-5, rtol=0)
 
 
+def test_similarities_and_match_logits_leave_bf16_autocast():
+    model, ie, te, mask, fi, ft = _tiny_set()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        itc = two_stage_scores(model, fi, ft, ie, torch.arange(5), te, mask, rerank=False)
+        _, top = itc_topk(fi, ft, 4)
+    torch.testing.assert_close(itc.i2t, fi @ ft.T)  # fp32 values, not bf16-rounded
+    assert torch.equal(top, itc_topk(fi, ft, 4)[1])
+
+
 def test_every_image_must_be_held_once():
     model, ie, te, mask, fi, ft = _tiny_set()
     with pytest.raises(ValueError, match="exactly one process"):

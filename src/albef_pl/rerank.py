@@ -65,6 +65,11 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _fp32(device: torch.device):
+    """Leave autocast: similarities and match logits are ranked, and bf16 would tie them."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _sum_over_processes(t: torch.Tensor) -> torch.Tensor:
     if _rank_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -88,7 +93,8 @@ def itc_topk(
     """
     values, indices = [], []
     for start in range(0, query_feat.shape[0], chunk_size):
-        sim = query_feat[start : start + chunk_size].float() @ key_feat.float().T  # (C, Nk)
+        with _fp32(query_feat.device):
+            sim = query_feat[start : start + chunk_size].float() @ key_feat.float().T  # (C, Nk)
         v, i = sim.topk(k, dim=1)
         values.append(v)
         indices.append(i)
@@ -129,10 +135,11 @@ def itm_match_scores(
         t = text_rows[start : start + batch_size].to(text_embeds.device)
         mask = text_mask[t]
         width = max(1, int(mask.sum(dim=1).max()))  # drop columns that are padding everywhere
-        logits = model.itm_logits(
+        fused = model.fuse(
             text_embeds[t, :width].to(device), mask[:, :width].to(device), image_embeds[i]
-        )  # (C, 2)
-        out.append(logits[:, 1].float())
+        )  # (C, L, D)
+        with _fp32(device):
+            out.append(model.itm_head(fused[:, 0].float())[:, 1])  # the "match" logit
     if not out:
         return torch.zeros(0, device=device)
     return torch.cat(out)
@@ -162,10 +169,11 @@ def _dense(
 @torch.no_grad()
 def _itc_dense(image_feat: torch.Tensor, text_feat: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """(N_i, N_t) cosine similarities on the CPU, computed in row blocks."""
-    rows = [
-        (image_feat[s : s + chunk_size].float() @ text_feat.float().T).cpu()
-        for s in range(0, image_feat.shape[0], chunk_size)
-    ]
+    with _fp32(image_feat.device):
+        rows = [
+            (image_feat[s : s + chunk_size].float() @ text_feat.float().T).cpu()
+            for s in range(0, image_feat.shape[0], chunk_size)
+        ]
     return torch.cat(rows) if rows else torch.zeros(0, text_feat.shape[0])
 
 
