@@ -999,7 +999,10 @@ def lightning_checkpoint(task: nn.Module, **extra: Any) -> dict[str, Any]:
     hparams = dict(task.hparams)
     # LightningCLI rebuilds the model from these when given --ckpt_path; without the class
     # path it would try them on the generic LightningModule and fail.
+    # Same two entries as a checkpoint saved under LightningCLI, so that load_from_checkpoint
+    # hands them to Lightning's instantiator instead of the task's __init__.
     hparams.setdefault("_class_path", f"{type(task).__module__}.{type(task).__qualname__}")
+    hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
     ckpt: dict[str, Any] = {
         "epoch": 0,
         "global_step": 0,
