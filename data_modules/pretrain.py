@@ -96,6 +96,15 @@ class PretrainDataModule(L.LightningDataModule):
         augment: bool = True,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("image_size", image_size),
+                            ("num_train_samples", num_train_samples),
+                            ("num_val_samples", num_val_samples), ("max_words", max_words)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2 ([CLS] and a word), got {max_length}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.train_shards = train_shards
         self.train_weights = train_weights

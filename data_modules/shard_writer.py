@@ -295,6 +295,13 @@ def write_shards(
         sample.captions = captions
         kept.append((index, sample, ext))
 
+    existing = sorted(out.glob(f"{prefix}-*.tar"))
+    if not kept and existing:
+        # Nothing readable (often a wrong --image-root): never replace good shards by nothing.
+        raise RuntimeError(
+            f"no readable image among {len(samples)} inputs, so the {len(existing)} existing "
+            f"shards in {out} were left untouched; check --image-root ({image_root})"
+        )
     sizes: dict[str, int] = {}
     for start in range(0, len(kept), samples_per_shard):
         name = f"{prefix}-{start // samples_per_shard:06d}.tar"

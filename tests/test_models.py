@@ -86,3 +86,12 @@ def test_features_are_unit_norm_and_mlm_head_tied():
     logits = model.mlm_head(h)
     expected = model.mlm_head.transform(h) @ model.text_encoder.embeddings.word_embeddings.weight.T
     torch.testing.assert_close(logits, expected + model.mlm_head.bias)
+
+
+def test_image_size_must_be_a_multiple_of_the_patch():
+    import pytest
+
+    from albef_pl.models.vision import build_vision_encoder
+
+    with pytest.raises(ValueError, match="vision.img_size=60"):
+        build_vision_encoder(tiny_vision(img_size=60, patch_size=8))

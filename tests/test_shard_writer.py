@@ -223,3 +223,24 @@ def test_synthetic_shapes_are_fast_exact_and_deterministic(tmp_path: Path) -> No
             dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
             expected = {"left of": dx > 0, "right of": dx < 0, "above": dy > 0, "below": dy < 0}
             assert expected[relation]
+
+
+def test_wrong_image_root_never_replaces_good_shards(tmp_path):
+    import json
+
+    import pytest
+    from PIL import Image
+
+    from data_modules.shard_writer import samples_from_albef_json, write_shards
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img/a.png")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": "img/a.png", "caption": "a red square"}]))
+    out = tmp_path / "shards"
+    write_shards(samples_from_albef_json([ann], tmp_path), out, samples_per_shard=4)
+    before = sorted(p.name for p in out.glob("*.tar"))
+    with pytest.raises(RuntimeError, match="left untouched"):
+        write_shards(samples_from_albef_json([ann], tmp_path / "wrong"), out,
+                     samples_per_shard=4, image_root=tmp_path / "wrong")
+    assert sorted(p.name for p in out.glob("*.tar")) == before

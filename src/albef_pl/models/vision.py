@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import timm
@@ -59,6 +60,13 @@ def build_vision_encoder(cfg: VisionConfig) -> nn.Module:
         for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         if getattr(cfg, k) is not None
     }
+    found = re.search(r"patch(\d+)", cfg.model_name)
+    patch = cfg.patch_size or (int(found.group(1)) if found else None)
+    if patch and cfg.img_size % patch:
+        raise ValueError(
+            f"vision.img_size={cfg.img_size} is not a multiple of the patch size {patch}: the "
+            "last pixels of every row and column would be ignored; choose a multiple"
+        )
     use_timm_weights = cfg.pretrained and cfg.checkpoint_path is None
     model = timm.create_model(
         cfg.model_name,
