@@ -64,6 +64,8 @@ _SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate
 DEFAULT_REDUCED_DECODE = True
 
 
+# FIXME: 16-bit grayscale ("I;16"/"I") images are clipped, not scaled, to 8 bits by PIL's
+# convert, so they come out white; they need a rescale before the RGB conversion.
 def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
