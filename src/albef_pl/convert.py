@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from albef_pl.checkpoints import interpolate_pos_embed, read_state_dict
+from albef_pl.checkpoints import bert_key_to_ours, interpolate_pos_embed, read_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -366,16 +366,11 @@ def tied_aliases(keys: Iterable[str]) -> dict[str, str]:
 
 def _bert_to_ours(rest: str, k: int) -> str:
     if rest.startswith("embeddings."):
-        return "text_encoder." + rest
-    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", rest)
-    if m:
-        i, tail = int(m.group(1)), m.group(2)
-        if i < k:
-            return f"text_encoder.layers.{i}.{tail}"
-        return f"fusion_encoder.layers.{i - k}.{tail}"
-    if rest.startswith("cls.predictions.transform.") or rest == "cls.predictions.bias":
-        return "mlm_head." + rest.removeprefix("cls.predictions.")
-    raise KeyError(rest)
+        return "text_encoder." + rest  # position_ids included: its drop is reported elsewhere
+    ours = bert_key_to_ours(rest, k)
+    if ours is None:
+        raise KeyError(rest)
+    return ours
 
 
 def _decoder_to_ours(rest: str) -> str:
