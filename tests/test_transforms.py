@@ -129,6 +129,35 @@ def test_eval_transform_is_deterministic_and_converts_modes() -> None:
     assert tf(img.convert("RGBA")).shape == (3, 16, 16)
 
 
+
+def test_16_bit_grayscale_is_scaled_not_clipped() -> None:
+    values = np.array(
+        [[0, 255, 256, 4660], [32768, 65280, 65535, 1000],
+         [512, 767, 768, 30000], [9, 99, 999, 9999]],
+        dtype=np.uint16,
+    )
+    expected = (values // 256).astype(np.uint8)  # e.g. 65535 -> 255, 32768 -> 128, 4660 -> 18
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")  # a 16-bit grayscale PNG
+    png = Image.open(io.BytesIO(buffer.getvalue()))  # lazily, as the data pipeline opens it
+    assert png.mode == "I;16"
+
+    # Same size: the resize copies the pixels, so the tensor holds the scaled values.
+    out = eval_transform(4, normalize=False)(png)
+    assert out.dtype == torch.uint8 and out.shape == (3, 4, 4)
+    for channel in out:
+        assert channel.numpy().tolist() == expected.tolist()
+
+    # Mode "I" within 0..65535 is scaled the same way.
+    as_i = Image.fromarray(values.astype(np.int32))
+    assert as_i.mode == "I"
+    assert np.asarray(ResizeRGB(4)(as_i))[..., 1].tolist() == expected.tolist()
+
+    # Mode "I" outside 0..65535 is stretched from its own range: (v + 1000) * 255 / 100000.
+    wide = Image.fromarray(np.array([[-1000, 0], [99000, 49000]], dtype=np.int32))
+    assert np.asarray(ResizeRGB(2)(wide))[..., 2].tolist() == [[0, 3], [255, 128]]
+
+
 def test_reduced_decode_only_changes_resampling() -> None:
     big = gradient_image(1024, 768)
 

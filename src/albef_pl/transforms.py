@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
@@ -64,10 +65,28 @@ _SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate
 DEFAULT_REDUCED_DECODE = True
 
 
-# FIXME: 16-bit grayscale ("I;16"/"I") images are clipped, not scaled, to 8 bits by PIL's
-# convert, so they come out white; they need a rescale before the RGB conversion.
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16*") or 32-bit integer ("I") grayscale image scaled to mode "L".
+
+    PIL's ``convert`` clips such values to 255 instead of scaling them, which turns almost
+    every pixel of a 16-bit PNG white. "I;16" values are divided by 256. "I" (what older
+    PIL versions and some TIFFs give for 16-bit files) is scaled the same way when its
+    values lie in 0..65535, else stretched linearly from its own min..max to 0..255.
+    """
+    values = np.asarray(img)
+    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        low, high = int(values.min()), int(values.max())
+        scaled = (values.astype(np.float64) - low) * (255.0 / max(high - low, 1))
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    return Image.fromarray((values.astype(np.int64) >> 8).astype(np.uint8), mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        img = _to_8bit_gray(img)
+    return img.convert("RGB")
 
 
 def _reduce_decode(img: Image.Image, min_width: float, min_height: float) -> float:
