@@ -62,19 +62,40 @@ class FeatureQueue(nn.Module):
         embed_dim: feature size E.
         queue_size: number of stored samples Q.
         with_idx: also keep an id queue (retrieval, grounding), initialised to -100.
+        start_empty: start with zero columns that :meth:`filled` reports as not yet written,
+            instead of the original's random unit vectors (see ``ALBEFTask(empty_queue=...)``).
     """
 
-    def __init__(self, embed_dim: int, queue_size: int, with_idx: bool = False) -> None:
+    def __init__(
+        self, embed_dim: int, queue_size: int, with_idx: bool = False, start_empty: bool = False
+    ) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.queue_size = queue_size
-        self.register_buffer("image_queue", nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("text_queue", nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.start_empty = start_empty
+        if start_empty:
+            image, text = torch.zeros(embed_dim, queue_size), torch.zeros(embed_dim, queue_size)
+        else:
+            image = nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0)
+            text = nn.functional.normalize(torch.randn(embed_dim, queue_size), dim=0)
+        self.register_buffer("image_queue", image)
+        self.register_buffer("text_queue", text)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.with_idx = with_idx
         if with_idx:
             self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
+
+    @torch.no_grad()
+    def filled(self) -> torch.Tensor | None:
+        """(Q,) True for columns written since an empty start; None when every column counts.
+
+        A written column holds unit-norm features, so a column is empty exactly when it is
+        all zeros (this also holds after loading a checkpoint).
+        """
+        if not self.start_empty:
+            return None
+        return self.image_queue.abs().sum(dim=0) > 0
 
     @torch.no_grad()
     def enqueue(

@@ -135,11 +135,10 @@ def itm_match_scores(
         t = text_rows[start : start + batch_size].to(text_embeds.device)
         mask = text_mask[t]
         width = max(1, int(mask.sum(dim=1).max()))  # drop columns that are padding everywhere
-        fused = model.fuse(
-            text_embeds[t, :width].to(device), mask[:, :width].to(device), image_embeds[i]
-        )  # (C, L, D)
+        mask = mask[:, :width].to(device)
+        fused = model.fuse(text_embeds[t, :width].to(device), mask, image_embeds[i])  # (C, L, D)
         with _fp32(device):
-            out.append(model.itm_head(fused[:, 0].float())[:, 1])  # the "match" logit
+            out.append(model.itm_head(model.pool(fused, mask).float())[:, 1])  # "match" logit
     if not out:
         return torch.zeros(0, device=device)
     return torch.cat(out)

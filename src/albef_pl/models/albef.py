@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef_pl.models.text import FusionEncoder, MLMHead, TextConfig, TextEncoder
+from albef_pl.models.text import FusionEncoder, MLMHead, TextConfig, TextEncoder, pool_states
 from albef_pl.models.vision import VisionConfig, build_vision_encoder, encode_image
 
 
@@ -71,6 +71,7 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(bert_cfg.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(temp))
         self.bert_config = bert_cfg
+        self.pooling = text.pooling
 
         self.apply(self._init_new_weights)
         if init_weights and text.pretrained is not None:
@@ -112,9 +113,15 @@ class ALBEF(nn.Module):
         """(B, N, Dv) -> (B, E) unit-norm contrastive feature of the image [CLS]."""
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
 
-    def text_feature(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, E) unit-norm contrastive feature of the text [CLS]."""
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, D) text or fused states -> (B, D) by ``text.pooling`` ([CLS] by default)."""
+        return pool_states(states, attention_mask, self.pooling)
+
+    def text_feature(
+        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, D) -> (B, E) unit-norm contrastive feature of the text [CLS] (or mean)."""
+        return F.normalize(self.text_proj(self.pool(text_embeds, attention_mask)), dim=-1)
 
     def features(
         self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -126,7 +133,7 @@ class ALBEF(nn.Module):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             image_feat=self.image_feature(image_embeds),
-            text_feat=self.text_feature(text_embeds),
+            text_feat=self.text_feature(text_embeds, attention_mask),
         )
 
     # ---- multimodal
@@ -142,8 +149,9 @@ class ALBEF(nn.Module):
     def itm_logits(
         self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
     ) -> torch.Tensor:
-        """(B, 2) match logits (column 1 = match) from the fused [CLS]."""
-        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds)[:, 0])
+        """(B, 2) match logits (column 1 = match) from the fused [CLS] (or mean)."""
+        fused = self.fuse(text_embeds, attention_mask, image_embeds)
+        return self.itm_head(self.pool(fused, attention_mask))
 
     def mlm_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor

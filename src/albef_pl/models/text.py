@@ -32,6 +32,7 @@ from transformers.models.bert.modeling_bert import (
 
 # The original adds (1 - mask) * -10000 to attention scores; kept for bitwise parity.
 MASK_VALUE = -10000.0
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -59,6 +60,15 @@ class TextConfig:
         grad_checkpointing: recompute layer activations in backward.
         use_layers: keep only the first ``use_layers`` layers of a pretrained model (text plus
             fusion), e.g. 4 of MiniLM's 6 for a faster small model; None keeps them all.
+        pooling: how a sequence of states becomes one vector, for the contrastive text
+            feature and the ITM head: ``"cls"`` (ALBEF: the [CLS] state) or ``"mean"`` (the
+            mean over non-padding tokens).
+
+    # NOTE: ``pooling: mean`` is ours, for backbones trained with mean pooling such as the
+    # offline MiniLM sentence encoder: its [CLS] is an attention sink whose state is the same
+    # for every caption (cosine 0.99999 between different captions at every depth), and a
+    # contrastive or matching head on it trains to constant features. ALBEF with BERT-base
+    # uses ``"cls"``, the default.
     """
 
     pretrained: str | None = "bert-base-uncased"
@@ -76,6 +86,11 @@ class TextConfig:
     num_text_layers: int = 6
     grad_checkpointing: bool = False
     use_layers: int | None = None
+    pooling: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"text.pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def to_bert_config(self) -> BertConfig:
         """A ``transformers.BertConfig`` with these sizes (or the pretrained model's)."""
@@ -112,6 +127,16 @@ class TextConfig:
                 f"fusion layer out of num_hidden_layers={cfg.num_hidden_layers}"
             )
         return cfg
+
+
+def pool_states(states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, L, D) states -> (B, D): the [CLS] state, or the mean over tokens where the mask is 1."""
+    if pooling == "cls":
+        return states[:, 0]
+    if attention_mask is None:
+        raise ValueError("mean pooling needs the attention mask")
+    m = attention_mask[..., None].to(states.dtype)
+    return (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,9 @@ from albef_pl.momentum import FeatureQueue
 _logger = logging.getLogger(__name__)
 
 # Parameters that AdamW must not decay, besides every bias and every 1-d (norm) weight.
+# Logit of a queue column not yet written (with ``empty_queue``): exp() of it is exactly 0
+# in float32, and unlike -inf it gives 0, not NaN, when multiplied by a zero target.
+EMPTY_LOGIT = -1.0e4
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "temp", "position_embeddings", "token_type_embeddings")
 
 
@@ -47,6 +50,7 @@ class ALBEFTask(L.LightningModule):
         embed_dim: contrastive embedding size.
         temp: initial learnable temperature.
         queue_size: number of past teacher features kept for ITC.
+        empty_queue: start the queues empty and leave columns not yet written out of ITC.
         momentum: EMA coefficient of the teacher.
         alpha: final distillation weight.
         alpha_warmup: ramp alpha from 0 over the first epoch (see ``MomentumTeacher``).
@@ -59,6 +63,14 @@ class ALBEFTask(L.LightningModule):
         init_checkpoint: weights to start from (an official ALBEF ``.pth`` or one of ours).
         seed: seed of the task's own generator (masking, hard negatives).
         init_weights: load the pretrained BERT/ViT weights named in the configs.
+
+    # NOTE: ``empty_queue: true`` is ours. The original fills its queues with random unit
+    # vectors that serve as ITC negatives until overwritten. When the encoders start with
+    # nearly identical features for every input (a ViT from scratch, the MiniLM text
+    # encoder), the cheapest way to beat 1024+ random negatives is to map every image and
+    # caption to one direction, and short runs then stay collapsed (in-batch retrieval at
+    # exactly chance). Empty columns remove that pull. The default, ``false``, matches the
+    # original for parity and for runs from pretrained DeiT/BERT.
     """
 
     #: Clamp the temperature to [0.001, 0.5] before each step (pre-training does).
@@ -73,6 +85,7 @@ class ALBEFTask(L.LightningModule):
         embed_dim: int = 256,
         temp: float = 0.07,
         queue_size: int = 65536,
+        empty_queue: bool = False,
         momentum: float = 0.995,
         alpha: float = 0.4,
         alpha_warmup: bool = True,
@@ -114,7 +127,9 @@ class ALBEFTask(L.LightningModule):
         self.model = ALBEF(vision, text, embed_dim, temp, init_weights=init_weights)
         self.configure_heads()
         self.teacher = make_teacher(self.model)
-        self.queue = FeatureQueue(embed_dim, queue_size, with_idx=self.queue_with_idx)
+        self.queue = FeatureQueue(
+            embed_dim, queue_size, with_idx=self.queue_with_idx, start_empty=empty_queue
+        )
         self.register_buffer("alpha", torch.tensor(0.0 if alpha_warmup else alpha))
         self._generator: torch.Generator | None = None
         if init_checkpoint:
@@ -187,10 +202,18 @@ class ALBEFTask(L.LightningModule):
             idx_all = None if idx is None else torch.cat([idx.view(-1), self.queue_ids()])
             sim_i2t_m = t.image_feat.float() @ text_feat_all / temp  # (B, B + Q)
             sim_t2i_m = t.text_feat.float() @ image_feat_all / temp
+            filled = self.queue.filled()  # None unless the queue started empty
+            if filled is not None:
+                empty = torch.cat([filled.new_zeros(t.text_feat.shape[0]), ~filled])
+                sim_i2t_m = sim_i2t_m.masked_fill(empty, EMPTY_LOGIT)
+                sim_t2i_m = sim_t2i_m.masked_fill(empty, EMPTY_LOGIT)
 
         # ITC: student features against [teacher batch; queue].
         sim_i2t = s.image_feat.float() @ text_feat_all / temp
         sim_t2i = s.text_feat.float() @ image_feat_all / temp
+        if filled is not None:
+            sim_i2t = sim_i2t.masked_fill(empty, EMPTY_LOGIT)
+            sim_t2i = sim_t2i.masked_fill(empty, EMPTY_LOGIT)
         itc = itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, alpha, idx, idx_all)
         if update_queue:
             self.queue.enqueue(t.image_feat, t.text_feat, idx if self.queue.with_idx else None)

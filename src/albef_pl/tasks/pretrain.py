@@ -88,8 +88,14 @@ class PretrainTask(ALBEFTask):
         with torch.no_grad():  # in-batch image->text top-1 of the student: learning made visible
             s = out["student"]
             acc = (s.image_feat @ s.text_feat.T).argmax(1).eq(torch.arange(b, device=self.device))
+            # ITM balanced accuracy: the mean of the recall on matches and on hard negatives,
+            # so a head that always answers "no match" scores 0.5 (plain accuracy: 2/3).
+            pred = out["itm_logits"].argmax(1)
+            neg = pred[b:] if len(pred) > b else pred.new_zeros(1)  # no negative: count as 1
+            itm_acc = 0.5 * (pred[:b].eq(1).float().mean() + neg.eq(0).float().mean())
         self.log(f"{stage}/itc_acc_i2t", acc.float().mean(), on_step=False, on_epoch=True,
                  batch_size=b)
+        self.log(f"{stage}/itm_acc", itm_acc, on_step=False, on_epoch=True, batch_size=b)
         self.log_common(stage, b)
         return loss
 

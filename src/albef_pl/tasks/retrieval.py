@@ -180,7 +180,7 @@ class RetrievalTask(ALBEFTask):
             embeds = self.model.encode_text(ids, mask)  # (T, L, D)
             buf.text_embeds.append(embeds)
             buf.text_mask.append(mask)
-            buf.text_feat.append(self.model.text_feature(embeds).float())
+            buf.text_feat.append(self.model.text_feature(embeds, mask).float())
             buf.text_index.append(batch["text_index"])
             buf.text_image_index.append(batch["text_image_index"])
             buf.caption.update(zip(batch["text_index"].tolist(), batch["caption"], strict=True))
