@@ -181,6 +181,7 @@ class PretrainDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             max_words=self.max_words,
             name="train",
+            shard_sizes={k: v for s in sizes if s for k, v in s.items()},
         )
         _logger.info(
             "train: %d sources, %d shards, %d samples per epoch -> %d batches of %d per rank "
@@ -231,6 +232,7 @@ class PretrainDataModule(L.LightningDataModule):
             shuffle_buffer=0,
             max_words=self.max_words,
             name="val",
+            shard_sizes=sizes,
         )
         return self._register("val", stream, num_batches)
 

@@ -27,9 +27,10 @@ import json
 import logging
 import math
 import random
+import re
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -39,7 +40,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tar_file_iterator
 
 from albef_pl.text import CaptionTokenizer, is_usable_caption, pre_caption
 from albef_pl.transforms import normalize_images
@@ -73,10 +73,33 @@ SKIP_REASONS: tuple[str, ...] = (
     "out_of_order",  # members of one key are not adjacent in the tar file
     "empty_shard",  # a shard without a single member
     "unreadable_shard",  # a shard that cannot be opened or stops mid-way
+    "truncated_shard",  # samples lost because a tar file ends at (or in) a member header
 )
 
 # Consecutive shards without a usable sample before a resampled source gives up.
 _MAX_BARREN_DRAWS = 200
+
+# Members webdataset treats as metadata, not sample parts (``__key__``-style names).
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+_END_ATTR = "_albef_last_header_error"
+
+
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Records on the TarFile the header error that ended it.
+
+    ``tarfile`` ends a stream quietly on the end-of-archive zero block
+    (``EOFHeaderError``), but also when the data stops at or inside a header
+    (``EmptyHeaderError``, ``TruncatedHeaderError``) or a header does not parse
+    (``InvalidHeaderError``); only the first is a complete file.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_obj: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tarfile_obj)
+        except tarfile.HeaderError as err:
+            setattr(tarfile_obj, _END_ATTR, err)
+            raise
 
 
 class SkipCounter:
@@ -93,16 +116,18 @@ class SkipCounter:
         self.totals: collections.Counter[str] = collections.Counter()
         self._pending: collections.Counter[str] = collections.Counter()
         self._last_warning = -math.inf
+        self._warned_once: set[str] = set()
 
-    def skip(self, reason: str, detail: str = "") -> None:
-        """Count one skipped item and warn if the last warning is old enough.
+    def skip(self, reason: str, detail: str = "", count: int = 1) -> None:
+        """Count skipped items and warn if the last warning is old enough.
 
         Args:
             reason: One of :data:`SKIP_REASONS`.
             detail: Where and why, for the log (shard, key, error).
+            count: Number of items skipped at once (samples lost with a truncated shard).
         """
-        self.totals[reason] += 1
-        self._pending[reason] += 1
+        self.totals[reason] += count
+        self._pending[reason] += count
         now = time.monotonic()
         if now - self._last_warning >= self.warn_interval_s:
             self._last_warning = now
@@ -113,6 +138,12 @@ class SkipCounter:
                 detail,
                 dict(self.totals),
             )
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        """Log a warning the first time ``key`` is met by this counter (not rate-limited)."""
+        if key not in self._warned_once:
+            self._warned_once.add(key)
+            _logger.warning("%s: " + message, self.where, *args)
 
     def take_pending(self) -> dict[str, int]:
         """Counts since the previous call (they travel to the main process with a batch)."""
@@ -276,6 +307,8 @@ class ShardStream(IterableDataset):
         max_words: Words kept by :func:`pre_caption`.
         name: Name of the split for messages.
         warn_interval_s: Minimum seconds between two skip warnings of one worker.
+        shard_sizes: Recorded samples per shard (``sizes.json``), if known; used to count
+            the samples lost with a truncated shard.
     """
 
     def __init__(
@@ -293,6 +326,7 @@ class ShardStream(IterableDataset):
         max_words: int = 30,
         name: str = "train",
         warn_interval_s: float = 60.0,
+        shard_sizes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.sources = [list(s) for s in sources]
@@ -312,6 +346,7 @@ class ShardStream(IterableDataset):
         self.max_words = max_words
         self.name = name
         self.warn_interval_s = warn_interval_s
+        self.shard_sizes = dict(shard_sizes or {})
         self.epoch = 0
         # FIXME: with num_workers=0 this counter lives in the main process and is not saved in
         # checkpoints, so a resumed run draws another stream than an uninterrupted one.
@@ -347,30 +382,52 @@ class ShardStream(IterableDataset):
 
     # -- shard reading
 
-    # FIXME: a tar cut at a member header ends like a complete archive, so the lost tail is
-    # neither counted nor reported; compare with sizes.json to catch it.
-    def _shard_members(self, shard: str, counter: SkipCounter) -> Iterator[tuple[str, bytes]]:
+    def _shard_members(
+        self, shard: str, counter: SkipCounter, ending: list[str]
+    ) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of a shard's regular files; a cut at a header is put in ``ending``."""
         count = 0
         try:
             with wds.gopen(shard) as stream:
-                for member in tar_file_iterator(stream):
-                    count += 1
-                    yield member["fname"], member["data"]
+                tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo)
+                for info in tar:
+                    if info.isreg() and not _META_NAME.match(info.name):
+                        data = tar.extractfile(info).read()
+                        count += 1
+                        yield info.name, data
+                    tar.members = []  # a stream: keep no member list
         except Exception as err:  # noqa: BLE001 - any broken shard is counted, not fatal
             if count == 0 and isinstance(err, tarfile.ReadError) and "empty file" in str(err):
                 counter.skip("empty_shard", shard)
             else:
                 counter.skip("unreadable_shard", f"{shard} after {count} members: {err!r}")
             return
-        if count == 0:
+        # A tar file ends with zero blocks. Python's tarfile also stops quietly at the end of
+        # the data or at a header it cannot parse, which hides a cut or corrupt file.
+        end = getattr(tar, _END_ATTR, None)
+        if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+            ending.append(
+                "ends at a member header without the end-of-archive blocks (the file was cut)"
+                if isinstance(end, tarfile.EmptyHeaderError)
+                else "ends inside a member header (the file was cut)"
+            )
+        elif isinstance(end, tarfile.InvalidHeaderError):
+            counter.skip(
+                "unreadable_shard",
+                f"{shard} after {count} members: invalid tar header ({end}); the rest is lost",
+            )
+        elif count == 0:
             counter.skip("empty_shard", shard)
 
     def _shard_samples(self, shard: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Group a shard's members by key and yield complete samples with their captions."""
         pending: dict[str, set[str]] = {}  # incomplete keys, waiting for the end of the shard
         emitted: set[str] = set()
+        seen: set[str] = set()
+        ending: list[str] = []
 
-        for key, members in self._groups(self._shard_members(shard, counter)):
+        for key, members in self._groups(self._shard_members(shard, counter, ending)):
+            seen.add(key)
             has_image = any(ext in members for ext in IMAGE_EXTS)
             has_caption = any(ext in members for ext in CAPTION_EXTS)
             where = f"{shard}:{key}"
@@ -393,6 +450,28 @@ class ShardStream(IterableDataset):
             has_image = any(ext in exts for ext in IMAGE_EXTS)
             reason = "missing_caption" if has_image else "missing_image"
             counter.skip(reason, f"{shard}:{key} has only {sorted(exts)}")
+        if ending:
+            self._count_truncated(shard, ending[0], len(seen), counter)
+
+    def _count_truncated(self, shard: str, how: str, keys_read: int, counter: SkipCounter) -> None:
+        """Count a truncated shard's lost samples (by its recorded size) and say what to do."""
+        recorded = self.shard_sizes.get(shard)
+        if recorded is None:
+            lost, lost_text = 1, "an unknown number of samples were lost (no recorded size)"
+        else:
+            lost = max(recorded - keys_read, 0)
+            lost_text = f"{lost} of its {recorded} samples (sizes.json) were lost"
+        counter.warn_once(
+            shard,
+            "shard %s is truncated: it %s after %d samples; %s. Re-download the file or "
+            "re-write it (albef-pl-shards --force); until then its tail is skipped.",
+            shard,
+            how,
+            keys_read,
+            lost_text,
+        )
+        if lost:
+            counter.skip("truncated_shard", f"{shard}: {lost_text} (cut after {keys_read})", lost)
 
     @staticmethod
     def _groups(members: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import lightning as L
@@ -138,6 +139,42 @@ def test_every_bad_case_is_skipped_and_counted(tmp_path: Path, caplog) -> None:
     assert "skipped a sample" in messages  # the rate-limited warning during the epoch
     assert "skipped 12 samples or shards" in messages  # the epoch summary
     assert "ran out after 2 of 9 batches; repeating the first batch" in messages
+
+
+
+def cut_at_member(path: Path, index: int, extra: int = 0) -> None:
+    """Cut a tar file at the header of its member ``index`` (plus ``extra`` bytes of it)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[index].offset
+    path.write_bytes(path.read_bytes()[: offset + extra])
+
+
+def test_tar_cut_at_a_member_header_counts_the_lost_samples(tmp_path: Path, caplog) -> None:
+    paths = write_good_shards(tmp_path, [6, 6])  # sizes.json records 6 + 6
+    cut_at_member(paths[0], 5)  # members: 0.png 0.json 1.png 1.json 2.png | 2.json ... lost
+    dm = make_dm(val_shards=str(tmp_path), batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        batches = list(dm.val_dataloader())
+    assert sorted(set(ids_of(batches))) == [0, 1, 6, 7, 8, 9, 10, 11]
+    counts = dm.skipped_counts("val")
+    # Sample 2 lost its caption member; samples 3, 4, 5 were never read.
+    assert counts["missing_caption"] == 1 and counts["truncated_shard"] == 3
+    assert sum(counts.values()) == 12 - 8
+    messages = caplog.text
+    assert f"shard {paths[0]} is truncated" in messages
+    assert "3 of its 6 samples (sizes.json) were lost" in messages
+    assert "Re-download the file or re-write it" in messages
+
+    # Cut inside a header, no sizes file: the shard is counted once, the loss is unknown.
+    (tmp_path / "sizes.json").unlink()
+    cut_at_member(paths[1], 4, extra=100)
+    dm = make_dm(val_shards=str(tmp_path), batch_size=2, num_val_samples=6)  # reads all
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        assert ids_of(list(dm.val_dataloader())) == [0, 1, 6, 7, 0, 1]
+    counts = dm.skipped_counts("val")
+    assert counts["truncated_shard"] == 2 and counts["missing_caption"] == 1
+    assert f"shard {paths[1]} is truncated: it ends inside a member header" in caplog.text
+    assert "unknown number of samples were lost" in caplog.text
 
 
 def test_skip_counts_travel_back_from_workers(tmp_path: Path) -> None:
