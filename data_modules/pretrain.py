@@ -37,11 +37,16 @@ _logger = logging.getLogger(__name__)
 __all__ = ["PretrainDataModule", "SkippedSamplesLogger"]
 
 
-def _as_sources(spec: str | list[str] | None) -> list[list[str]]:
-    """A string is one source; each item of a list is one source (mixed by weight)."""
+def _as_specs(spec: str | list[str] | None) -> list[str]:
+    """One string per source, as given."""
     if spec is None:
         return []
-    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [spec] if isinstance(spec, str) else [str(s) for s in spec]
+
+
+def _as_sources(spec: str | list[str] | None) -> list[list[str]]:
+    """A string is one source; each item of a list is one source (mixed by weight)."""
+    specs = _as_specs(spec)
     sources = [expand_shards(s) for s in specs]
     for spec, shards in zip(specs, sources, strict=True):
         missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
@@ -182,6 +187,7 @@ class PretrainDataModule(L.LightningDataModule):
             max_words=self.max_words,
             name="train",
             shard_sizes={k: v for s in sizes if s for k, v in s.items()},
+            source_names=_as_specs(self.train_shards),
         )
         _logger.info(
             "train: %d sources, %d shards, %d samples per epoch -> %d batches of %d per rank "

@@ -309,6 +309,7 @@ class ShardStream(IterableDataset):
         warn_interval_s: Minimum seconds between two skip warnings of one worker.
         shard_sizes: Recorded samples per shard (``sizes.json``), if known; used to count
             the samples lost with a truncated shard.
+        source_names: How each source was given (a directory, pattern...), for messages.
     """
 
     def __init__(
@@ -327,6 +328,7 @@ class ShardStream(IterableDataset):
         name: str = "train",
         warn_interval_s: float = 60.0,
         shard_sizes: Mapping[str, int] | None = None,
+        source_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.sources = [list(s) for s in sources]
@@ -347,6 +349,11 @@ class ShardStream(IterableDataset):
         self.name = name
         self.warn_interval_s = warn_interval_s
         self.shard_sizes = dict(shard_sizes or {})
+        self.source_names: list[str | None] = (
+            [str(n) for n in source_names]
+            if source_names is not None and len(source_names) == len(self.sources)
+            else [None] * len(self.sources)
+        )
         self.epoch = 0
         # FIXME: with num_workers=0 this counter lives in the main process and is not saved in
         # checkpoints, so a resumed run draws another stream than an uninterrupted one.
@@ -512,23 +519,39 @@ class ShardStream(IterableDataset):
             "image_id": _image_id(members),
         }
 
-    # FIXME: a source whose every image fails to decode loops forever (the empty-draw limit
-    # counts shards without members, not samples that all fail); it should raise with the totals.
+    def _draw_limit(self, index: int) -> int:
+        """Shard draws in a row without a usable sample after which source ``index`` fails."""
+        return max(_MAX_BARREN_DRAWS, 4 * len(self.sources[index]))
+
+    def _describe_source(self, index: int) -> str:
+        shards, name = self.sources[index], self.source_names[index]
+        given = f" {name!r}" if name is not None else ""
+        return f"source {index}{given} ({len(shards)} shards, e.g. {shards[0]})"
+
     def _one_source(
         self, shards: list[str], rng: random.Random, counter: SkipCounter, index: int
     ) -> Iterator[dict[str, Any]]:
-        """Shards drawn with replacement, forever; fails only if no shard yields anything."""
-        barren = 0
+        """Shards drawn with replacement, forever; fails if no shard yields anything.
+
+        Each sample carries its source and the number of the shard draw it came from, so
+        that :meth:`_decode` can fail when no image of the source has decoded for as many
+        draws (a source whose every image is corrupt would otherwise loop forever).
+        """
+        barren, draws = 0, 0
         while True:
             produced = 0
+            draws += 1
             for sample in self._shard_samples(rng.choice(shards), counter):
                 produced += 1
+                sample["source"], sample["draw"] = index, draws
                 yield sample
             barren = 0 if produced else barren + 1
-            if barren >= max(_MAX_BARREN_DRAWS, 4 * len(shards)):
+            if barren >= self._draw_limit(index):
                 raise RuntimeError(
-                    f"{self.name}: source {index} ({len(shards)} shards, e.g. {shards[0]}) gave "
-                    f"no usable sample in {barren} shard draws; skipped: {dict(counter.totals)}"
+                    f"{self.name}: {self._describe_source(index)} gave no usable sample in "
+                    f"{barren} shard draws in a row; skipped so far in this worker: "
+                    f"{dict(counter.totals)}. Check that the shards are readable tar files "
+                    "with image and caption members, or remove the source."
                 )
 
     def _mixed_resampled(
@@ -550,12 +573,30 @@ class ShardStream(IterableDataset):
     ) -> Iterator[dict[str, Any]]:
         # NOTE: the reference sets PIL's LOAD_TRUNCATED_IMAGES, which pads a truncated file
         # with grey; here the decode error is kept, so such images are skipped and counted.
+        last_good: dict[int, int] = {}  # source -> shard draw of its last decoded image
+        failed: collections.Counter[int] = collections.Counter()  # decode failures since then
         for sample in samples:
+            source = sample.get("source")
             try:
                 image = self.transform(Image.open(io.BytesIO(sample["image_bytes"])))
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
                 counter.skip("corrupt_image", f"{sample['__key__']}: {err!r}")
+                if source is not None:  # resampled: a source of only bad images never ends
+                    failed[source] += 1
+                    draws = sample["draw"] - last_good.get(source, 0)
+                    if draws >= self._draw_limit(source):
+                        raise RuntimeError(
+                            f"{self.name}: {self._describe_source(source)} gave no image "
+                            f"that decodes in {draws} shard draws in a row ({failed[source]} "
+                            f"failed decodes, last {sample['__key__']}: {err!r}); skipped so "
+                            f"far in this worker: {dict(counter.totals)}. Its images may be "
+                            "corrupt or in a format PIL cannot read; check a few, or remove "
+                            "the source."
+                        ) from err
                 continue
+            if source is not None:
+                last_good[source] = max(last_good.get(source, 0), sample["draw"])
+                failed[source] = 0
             captions = sample["captions"]
             caption = captions[0] if len(captions) == 1 else rng.choice(captions)
             yield {"image": image, "caption": caption, "image_id": sample["image_id"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -195,6 +196,32 @@ def test_all_bad_source_fails_loudly_instead_of_hanging(tmp_path: Path) -> None:
     dm = make_dm(train_shards=str(tmp_path), num_train_samples=8)
     with pytest.raises(RuntimeError, match="no usable sample"):
         list(dm.train_dataloader())
+
+
+
+def test_source_whose_every_image_fails_to_decode_raises(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    write_tar(
+        bad / "shard-000000.tar",
+        [m for i in range(4) for m in ((f"{i}.jpg", b"not an image"), (f"{i}.txt", b"a caption"))],
+    )
+    write_good_shards(tmp_path / "good", [8])
+    # Alone, or mixed with a good source: the bad source fails after 200 shard draws.
+    for index, sources in enumerate([[str(bad)], [str(tmp_path / "good"), str(bad)]]):
+        weights = [1.0, 9.0][-len(sources) :]  # 200 bad draws come with about 90 good samples
+        dm = make_dm(train_shards=sources, num_train_samples=400, train_weights=weights)
+        with pytest.raises(RuntimeError) as info:
+            list(dm.train_dataloader())
+        message = str(info.value)
+        shard = bad / "shard-000000.tar"
+        assert f"train: source {index} {str(bad)!r} (1 shards, e.g. {shard})" in message
+        assert "gave no image that decodes in 200 shard draws in a row" in message
+        corrupt = int(re.search(r"'corrupt_image': (\d+)", message).group(1))
+        failed = int(re.search(r"\((\d+) failed decodes", message).group(1))
+        assert failed == corrupt  # only this source fails, and never succeeds
+        # Raised at the first decode of a draw-200 image: the images of 199 draws and 1 to 4
+        # of the 200th were drawn, of which at most 8 (the shuffle buffer) are not decoded.
+        assert 4 * 199 + 1 - 8 <= corrupt <= 4 * 200
 
 
 def test_caption_lists_draw_all_captions_over_epochs(tmp_path: Path) -> None:
