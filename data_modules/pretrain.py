@@ -30,6 +30,7 @@ from data_modules.shards import (
     expand_shards,
     is_url,
     read_shard_sizes,
+    read_shard_sizes_and_files,
 )
 
 _logger = logging.getLogger(__name__)
@@ -207,7 +208,8 @@ class PretrainDataModule(L.LightningDataModule):
         if not sources:
             return []
         shards = [s for source in sources for s in source]
-        sizes = read_shard_sizes(shards)
+        found = read_shard_sizes_and_files(shards)
+        sizes, size_files = found if found is not None else (None, None)
         total = self._total("val", [sizes], self.num_val_samples)
         rank, world_size = self.world()
         num_batches = total // (world_size * self.batch_size)
@@ -239,6 +241,7 @@ class PretrainDataModule(L.LightningDataModule):
             max_words=self.max_words,
             name="val",
             shard_sizes=sizes,
+            size_files=size_files,
         )
         return self._register("val", stream, num_batches)
 

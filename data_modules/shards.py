@@ -57,6 +57,7 @@ __all__ = [
     "is_url",
     "read_num_samples",
     "read_shard_sizes",
+    "read_shard_sizes_and_files",
 ]
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -205,6 +206,34 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if is_url(parent) else str(Path(parent) / name)
 
 
+def read_shard_sizes_and_files(
+    shards: Sequence[str],
+) -> tuple[dict[str, int], dict[str, str]] | None:
+    """Like :func:`read_shard_sizes`, plus the file each size was read from.
+
+    Returns:
+        (``{shard: count}``, ``{shard: sizes file}``), or None when a size is not recorded.
+    """
+    sizes_files: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    files: dict[str, str] = {}
+    for shard in shards:
+        parent, name = _parent_and_name(shard)
+        sizes_file = _join(parent, SIZES_FILE)
+        if parent not in sizes_files:
+            sizes_files[parent] = _read_json(sizes_file) or {}
+        recorded = sizes_files[parent].get(name)
+        if recorded is None:
+            sizes_file = _join(parent, name.rsplit(".", 1)[0] + "_stats.json")
+            recorded = (_read_json(sizes_file) or {}).get("successes")
+        if recorded is None:
+            _logger.debug("no recorded size for shard %s", shard)
+            return None
+        sizes[shard] = int(recorded)
+        files[shard] = sizes_file
+    return sizes, files
+
+
 def read_shard_sizes(shards: Sequence[str]) -> dict[str, int] | None:
     """Number of samples in each shard, from the files written next to the shards.
 
@@ -217,21 +246,8 @@ def read_shard_sizes(shards: Sequence[str]) -> dict[str, int] | None:
     Returns:
         ``{shard: count}`` for every shard, or None when one of them has no recorded size.
     """
-    sizes_files: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
-    for shard in shards:
-        parent, name = _parent_and_name(shard)
-        if parent not in sizes_files:
-            sizes_files[parent] = _read_json(_join(parent, SIZES_FILE)) or {}
-        recorded = sizes_files[parent].get(name)
-        if recorded is None:
-            stats = _read_json(_join(parent, name.rsplit(".", 1)[0] + "_stats.json")) or {}
-            recorded = stats.get("successes")
-        if recorded is None:
-            _logger.debug("no recorded size for shard %s", shard)
-            return None
-        sizes[shard] = int(recorded)
-    return sizes
+    found = read_shard_sizes_and_files(shards)
+    return None if found is None else found[0]
 
 
 def read_num_samples(shards: Sequence[str]) -> int | None:
@@ -308,7 +324,8 @@ class ShardStream(IterableDataset):
         name: Name of the split for messages.
         warn_interval_s: Minimum seconds between two skip warnings of one worker.
         shard_sizes: Recorded samples per shard (``sizes.json``), if known; used to count
-            the samples lost with a truncated shard.
+            the samples lost with a truncated shard and to explain short validation data.
+        size_files: The file each recorded size came from, for messages.
         source_names: How each source was given (a directory, pattern...), for messages.
     """
 
@@ -329,6 +346,7 @@ class ShardStream(IterableDataset):
         warn_interval_s: float = 60.0,
         shard_sizes: Mapping[str, int] | None = None,
         source_names: Sequence[str] | None = None,
+        size_files: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.sources = [list(s) for s in sources]
@@ -349,6 +367,7 @@ class ShardStream(IterableDataset):
         self.name = name
         self.warn_interval_s = warn_interval_s
         self.shard_sizes = dict(shard_sizes or {})
+        self.size_files = dict(size_files or {})
         self.source_names: list[str | None] = (
             [str(n) for n in source_names]
             if source_names is not None and len(source_names) == len(self.sources)
@@ -699,19 +718,19 @@ class EpochLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         self.stream.set_epoch(epoch)
         epoch_counts: collections.Counter[str] = collections.Counter()
-        produced, first = 0, None
-        batches = self._full_batches(self._counted(epoch_counts))
+        produced, first, samples = 0, None, [0]
+        batches = self._full_batches(self._counted(epoch_counts, samples))
         for batch in batches:
             produced += 1
             first = batch if first is None else first
             if produced == self.num_batches:
                 # Stop the workers and report before handing out the last batch.
                 batches.close()
-                self._summarise(epoch, epoch_counts, produced)
+                self._summarise(epoch, epoch_counts, produced, samples[0])
                 yield batch
                 return
             yield batch
-        self._summarise(epoch, epoch_counts, produced)
+        self._summarise(epoch, epoch_counts, produced, samples[0])
 
         # NOTE: like a DistributedSampler's padding, repeating data keeps ranks in step at
         # the price of counting a few samples twice in this epoch's metrics.
@@ -719,8 +738,13 @@ class EpochLoader:
             for _ in range(self.num_batches - produced):
                 yield {k: v.clone() for k, v in first.items()}
 
-    def _counted(self, epoch_counts: collections.Counter[str]) -> Iterator[dict[str, Any]]:
-        """Worker batches with their ``skipped`` field moved into the totals."""
+    def _counted(
+        self, epoch_counts: collections.Counter[str], samples: list[int]
+    ) -> Iterator[dict[str, Any]]:
+        """Worker batches with their ``skipped`` field moved into the totals.
+
+        ``samples[0]`` counts the usable samples received (partial batches included).
+        """
         # FIXME: skips a worker meets after its last batch of an epoch (read ahead) are
         # reported with the next epoch's first batch or not at all; totals may lag a little.
         for batch in self.dataloader:
@@ -728,6 +752,7 @@ class EpochLoader:
             epoch_counts.update(skipped)
             self.totals.update(skipped)
             if "image" in batch:
+                samples[0] += len(batch["image"])
                 yield batch
 
     def _full_batches(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -754,7 +779,9 @@ class EpochLoader:
         batch["attention_mask"] = batch["attention_mask"][:, :width]
         return batch
 
-    def _summarise(self, epoch: int, epoch_counts: collections.Counter[str], produced: int) -> None:
+    def _summarise(
+        self, epoch: int, epoch_counts: collections.Counter[str], produced: int, samples: int
+    ) -> None:
         self.last_epoch_counts = dict(epoch_counts)
         name = f"{self.stream.name} rank {self.stream.rank} epoch {epoch}"
         if epoch_counts:
@@ -766,9 +793,40 @@ class EpochLoader:
             )
         if produced < self.num_batches:
             _logger.warning(
-                "%s: the data ran out after %d of %d batches; %s",
+                "%s: the data ran out after %d of %d batches; %s. %s",
                 name,
                 produced,
                 self.num_batches,
                 "repeating the first batch" if produced else "this rank has no batch at all",
+                self._shortfall(samples, epoch_counts),
             )
+
+    def _shortfall(self, samples: int, epoch_counts: collections.Counter[str]) -> str:
+        """Why a read-once stream was short: recorded sizes against the samples read."""
+        stream = self.stream
+        shards = [s for source in stream.sources for s in source]
+        mine = shards[stream.rank :: stream.world_size]
+        skipped = sum(epoch_counts.values())
+        needed = self.num_batches * stream.batch_size
+        if stream.resampled or not all(s in stream.shard_sizes for s in mine):
+            return (
+                f"This rank's {len(mine)} shards gave {samples} usable samples ({skipped} "
+                f"samples or shards skipped); {needed} were asked for (num_val_samples)."
+            )
+        counted = sum(stream.shard_sizes[s] for s in mine)
+        where = f"{', '.join(sorted({stream.size_files.get(s, SIZES_FILE) for s in mine}))}"
+        broken = sum(epoch_counts[r] for r in ("empty_shard", "unreadable_shard"))
+        found = samples + skipped - broken  # skipped samples (truncated: lost ones) included
+        text = (
+            f"{where} count {counted} samples in this rank's {len(mine)} shards; "
+            f"{found} were found ({samples} usable, {found - samples} skipped)"
+        )
+        if counted <= found:
+            return text + "."
+        if broken:
+            return text + f" and {broken} shards were empty or unreadable."
+        return (
+            f"{text}: the sizes file over-counts by {counted - found} samples, which sets too "
+            "many validation batches. Re-write it (albef-pl-shards --force) or set "
+            "num_val_samples."
+        )

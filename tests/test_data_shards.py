@@ -178,6 +178,22 @@ def test_tar_cut_at_a_member_header_counts_the_lost_samples(tmp_path: Path, capl
     assert "unknown number of samples were lost" in caplog.text
 
 
+
+def test_val_sizes_file_that_over_counts_is_named_in_the_warning(tmp_path: Path, caplog) -> None:
+    write_good_shards(tmp_path, [5])
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps({"shard-000000.tar": 12, "total": 12}))  # 7 too many
+    dm = make_dm(val_shards=str(tmp_path), batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        batches = list(dm.val_dataloader())
+    assert len(batches) == 12 // 2 and ids_of(batches) == [0, 1, 2, 3] + [0, 1] * 4
+    assert "ran out after 2 of 6 batches; repeating the first batch" in caplog.text
+    assert (
+        f"{sizes} count 12 samples in this rank's 1 shards; 5 were found (5 usable, 0 skipped): "
+        "the sizes file over-counts by 7 samples"
+    ) in caplog.text
+
+
 def test_skip_counts_travel_back_from_workers(tmp_path: Path) -> None:
     write_bad_shard(tmp_path / "shard-000000.tar")
     dm = make_dm(train_shards=str(tmp_path), num_train_samples=32, batch_size=4, num_workers=2)
