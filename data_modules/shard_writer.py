@@ -37,6 +37,7 @@ from PIL import Image
 _logger = logging.getLogger(__name__)
 
 __all__ = [
+    "InputError",
     "WriterSample",
     "WriteResult",
     "check_image",
@@ -73,12 +74,13 @@ class WriteResult:
 
     Attributes:
         sizes: Samples per shard file name.
-        skipped: ``{"image", "reason"}`` for each image left out.
+        skipped: ``{"image", "reason"}`` for each image left out (input entries the reader
+            left out, such as COCO annotations of unknown images, have their own fields).
         up_to_date: True when nothing was written because the output matched the input.
     """
 
     sizes: dict[str, int]
-    skipped: list[dict[str, str]]
+    skipped: list[dict[str, Any]]
     up_to_date: bool = False
 
     @property
@@ -89,6 +91,38 @@ class WriteResult:
 
 # ---------------------------------------------------------------------------------------
 # input readers
+
+_ALBEF_LAYOUT = 'a json list of {"image": relative path, "caption": string or list of strings}'
+_COCO_LAYOUT = (
+    'a COCO captions object: {"images": [{"id", "file_name"}], '
+    '"annotations": [{"image_id", "caption"}]}'
+)
+
+
+class InputError(ValueError):
+    """An input file that cannot be used; the message names the file, entry and layout."""
+
+
+def _short(obj: Any, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_json(path: str | Path, layout: str) -> Any:
+    """Parse a json file, or raise :class:`InputError` with the file, line and layout."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text (byte {err.start}); expected {layout}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path}: not valid json at line {err.lineno}, column {err.colno} ({err.msg}); "
+            f"expected {layout}"
+        ) from err
 
 
 def _group(entries: Iterable[tuple[Path, list[str], Any]]) -> list[WriterSample]:
@@ -120,32 +154,104 @@ def samples_from_albef_json(
 
     Returns:
         One sample per distinct image, captions of all its entries gathered.
+
+    Raises:
+        InputError: A file that does not parse or is not laid out as above.
     """
     root = Path(image_root)
     entries = []
     for path in paths:
-        for entry in json.loads(Path(path).read_text()):
+        data = _load_json(path, _ALBEF_LAYOUT)
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected {_ALBEF_LAYOUT}; got a json {type(data).__name__}")
+        for index, entry in enumerate(data):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise InputError(
+                    f"{path}: entry {index} has no \"image\" path string: {_short(entry)}; "
+                    f"expected {_ALBEF_LAYOUT}"
+                )
             image = root / entry["image"]
             entries.append((image, _as_list(entry.get("caption")), entry.get("image_id")))
     return _group(entries)
 
 
-def samples_from_coco(path: str | Path, image_root: str | Path) -> list[WriterSample]:
+def samples_from_coco(
+    path: str | Path, image_root: str | Path, skipped: list[dict[str, Any]] | None = None
+) -> list[WriterSample]:
     """Read a COCO captions file (``images`` with ``file_name``, ``annotations``).
+
+    An image whose ``id`` repeats an earlier image's is left out (its annotations go to the
+    first image with that id), and an annotation whose ``image_id`` is not among the images
+    is left out; both are appended to ``skipped`` with the reason and logged.
 
     Args:
         path: ``captions_*.json``.
         image_root: Directory holding the ``file_name`` images.
+        skipped: Receives one record per entry left out (pass it on to
+            :func:`write_shards` as ``input_skipped`` so that ``skipped.json`` lists them).
 
     Returns:
-        One sample per image that has at least one annotation or is listed.
+        One sample per listed image (captions of all its annotations gathered).
+
+    Raises:
+        InputError: A file that does not parse or is not laid out as above.
     """
-    data = json.loads(Path(path).read_text())
-    files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+    data = _load_json(path, _COCO_LAYOUT)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else (
+            f"a json {type(data).__name__}"
+        )
+        raise InputError(f"{path}: expected {_COCO_LAYOUT}; got {got}")
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise InputError(f"{path}: \"annotations\" is not a list; expected {_COCO_LAYOUT}")
+
+    left_out: list[dict[str, Any]] = []
+    files: dict[Any, Path] = {}
+    for index, img in enumerate(data["images"]):
+        if not (isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)):
+            raise InputError(
+                f"{path}: images[{index}] needs \"id\" and a \"file_name\" string: "
+                f"{_short(img)}; expected {_COCO_LAYOUT}"
+            )
+        image_id = img["id"]
+        if image_id in files:
+            left_out.append(
+                {
+                    "image": img["file_name"],
+                    "image_id": _json_id(image_id),
+                    "reason": f"duplicate image id: images[{index}] repeats the id of "
+                    f"{files[image_id].name}, which gets the annotations",
+                }
+            )
+            continue
+        files[image_id] = Path(image_root) / img["file_name"]
+
     entries = [(files[i], [], i) for i in files]
-    for ann in data.get("annotations", []):
-        if ann["image_id"] in files:
-            entries.append((files[ann["image_id"]], _as_list(ann.get("caption")), ann["image_id"]))
+    for index, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise InputError(
+                f"{path}: annotations[{index}] has no \"image_id\": {_short(ann)}; "
+                f"expected {_COCO_LAYOUT}"
+            )
+        if ann["image_id"] not in files:
+            left_out.append(
+                {
+                    "annotation": ann.get("id", index),
+                    "image_id": _json_id(ann["image_id"]),
+                    "reason": f"image_id not in images: annotations[{index}]",
+                }
+            )
+            continue
+        entries.append((files[ann["image_id"]], _as_list(ann.get("caption")), ann["image_id"]))
+
+    if left_out:
+        reasons = collections.Counter(r["reason"].split(":")[0] for r in left_out)
+        _logger.warning(
+            "%s: left out %d entries %s, e.g. %s", path, len(left_out), dict(reasons), left_out[0]
+        )
+    if skipped is not None:
+        skipped.extend(left_out)
     return _group(entries)
 
 
@@ -163,7 +269,12 @@ def samples_from_folder(folder: str | Path) -> list[WriterSample]:
         if image.suffix.lower() not in _IMAGE_SUFFIXES:
             continue
         text = image.with_suffix(".txt")
-        lines = text.read_text(encoding="utf-8").splitlines() if text.is_file() else []
+        try:
+            lines = text.read_text(encoding="utf-8").splitlines() if text.is_file() else []
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{text} is not UTF-8 text (byte {err.start}); expected one caption per line"
+            ) from err
         samples.append(WriterSample(image, [line.strip() for line in lines if line.strip()]))
     return samples
 
@@ -200,9 +311,16 @@ def check_image(path: str | Path) -> tuple[str | None, str | None]:
     return _FORMAT_EXT[fmt], None
 
 
-def _fingerprint(samples: list[WriterSample], samples_per_shard: int, prefix: str) -> str:
+def _fingerprint(
+    samples: list[WriterSample],
+    samples_per_shard: int,
+    prefix: str,
+    input_skipped: Sequence[dict[str, Any]] = (),
+) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([_MANIFEST_VERSION, samples_per_shard, prefix]).encode())
+    if input_skipped:  # only then, so that earlier outputs stay up to date
+        digest.update(json.dumps(list(input_skipped), ensure_ascii=False, default=str).encode())
     for s in samples:
         try:
             stat = s.image.stat()
@@ -248,6 +366,7 @@ def write_shards(
     image_root: str | Path | None = None,
     workers: int = 1,
     force: bool = False,
+    input_skipped: Sequence[dict[str, Any]] = (),
 ) -> WriteResult:
     """Check the images and write the samples as shards with sizes and skipped lists.
 
@@ -259,6 +378,8 @@ def write_shards(
         image_root: Stored image paths are made relative to it.
         workers: Processes used to check images.
         force: Rewrite even if the manifest says the output is up to date.
+        input_skipped: Entries the reader left out (e.g. COCO annotations of unknown
+            images), listed first in ``skipped.json`` and counted in the manifest.
 
     Returns:
         The shard sizes and the skipped images.
@@ -268,7 +389,7 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = sorted(samples, key=lambda s: str(s.image))
-    fingerprint = _fingerprint(samples, samples_per_shard, prefix)
+    fingerprint = _fingerprint(samples, samples_per_shard, prefix, input_skipped)
     if not force and (done := _up_to_date(out, fingerprint)) is not None:
         _logger.info("%s is up to date (%d samples); nothing written", out, done.total)
         return done
@@ -281,7 +402,7 @@ def write_shards(
     else:
         checks = [check_image(p) for p in paths]
 
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = [dict(record) for record in input_skipped]
     kept: list[tuple[int, WriterSample, str]] = []
     root = Path(image_root) if image_root is not None else None
     for index, (sample, (ext, reason)) in enumerate(zip(samples, checks)):
@@ -327,7 +448,7 @@ def write_shards(
         },
     )
     _logger.info(
-        "wrote %d samples in %d shards to %s; skipped %d images %s",
+        "wrote %d samples in %d shards to %s; skipped %d images or entries %s",
         sum(sizes.values()),
         len(sizes),
         out,
@@ -393,23 +514,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        Process exit status (0 on success, even with skipped images).
+        Process exit status (0 on success, even with skipped images; 1 when nothing was
+        written; 2 for an input file that cannot be used, with a one-line error).
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.json:
-        root = args.image_root if args.image_root is not None else Path(".")
-        samples = samples_from_albef_json(args.json, root)
-    elif args.coco_captions:
-        if args.image_root is None:
-            _parser().error("--coco-captions needs --image-root")
-        root = args.image_root
-        samples = samples_from_coco(args.coco_captions, root)
-    else:
-        root = args.folder
-        samples = samples_from_folder(args.folder)
+    input_skipped: list[dict[str, Any]] = []
+    try:
+        if args.json:
+            root = args.image_root if args.image_root is not None else Path(".")
+            samples = samples_from_albef_json(args.json, root)
+        elif args.coco_captions:
+            if args.image_root is None:
+                parser.error("--coco-captions needs --image-root")
+            root = args.image_root
+            samples = samples_from_coco(args.coco_captions, root, skipped=input_skipped)
+        else:
+            root = args.folder
+            samples = samples_from_folder(args.folder)
+    except InputError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
     result = write_shards(
         samples,
@@ -419,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_root=root,
         workers=args.workers,
         force=args.force,
+        input_skipped=input_skipped,
     )
     if result.total == 0:
         _logger.error(

@@ -244,3 +244,91 @@ def test_wrong_image_root_never_replaces_good_shards(tmp_path):
         write_shards(samples_from_albef_json([ann], tmp_path / "wrong"), out,
                      samples_per_shard=4, image_root=tmp_path / "wrong")
     assert sorted(p.name for p in out.glob("*.tar")) == before
+
+
+def test_malformed_input_files_exit_with_one_line_errors(tmp_path: Path, capsys) -> None:
+    def run(flag: str, content: str | None, name: str = "input.json") -> str:
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        args = [flag, str(path), "--image-root", str(tmp_path), "--out", str(tmp_path / "out")]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err
+        assert err.startswith("albef-pl-shards: error: ") and str(path) in err
+        return err
+
+    albef = 'a json list of {"image": relative path, "caption": string or list of strings}'
+    err = run("--json", '[\n {"image": "a.jpg", "caption": "x"},\n {"image": }\n]')
+    assert "not valid json at line 3, column 12" in err and err.endswith(f"expected {albef}")
+    assert "got a json dict" in run("--json", '{"image": "a.jpg"}')
+    err = run("--json", json.dumps([{"image": "a.jpg", "caption": "x"}, {"caption": "no image"}]))
+    assert "entry 1 has no \"image\" path string: {'caption': 'no image'}" in err
+    assert "cannot read" in run("--json", None, name="missing.json")
+    (tmp_path / "latin1.json").write_bytes('[{"image": "é"}]'.encode("latin-1"))
+    assert "is not UTF-8 text (byte 12)" in run("--json", None, name="latin1.json")
+
+    coco = "a COCO captions object"
+    err = run("--coco-captions", "[1, 2]")
+    assert f"expected {coco}" in err and err.endswith("got a json list")
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2}]
+    err = run("--coco-captions", json.dumps({"images": images}))
+    assert "images[1] needs \"id\" and a \"file_name\" string: {'id': 2}" in err
+    bad_ann = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"caption": "x"}]}
+    err = run("--coco-captions", json.dumps(bad_ann))
+    assert "annotations[0] has no \"image_id\": {'caption': 'x'}" in err
+    assert "not valid json at line 1, column 2" in run("--coco-captions", "{oops")
+
+
+def test_coco_unknown_image_ids_and_duplicate_ids_are_recorded(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "coco"
+    root.mkdir()
+    for name in ("one.jpg", "two.jpg", "two_again.jpg"):
+        (root / name).write_bytes(image_bytes(fmt="JPEG"))
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "one.jpg"},
+            {"id": 2, "file_name": "two.jpg"},
+            {"id": 2, "file_name": "two_again.jpg"},  # the id of two.jpg again
+        ],
+        "annotations": [
+            {"image_id": 1, "id": 10, "caption": "one"},
+            {"image_id": 2, "id": 11, "caption": "two"},
+            {"image_id": 3, "id": 12, "caption": "no such image"},
+            {"image_id": 9, "id": 13, "caption": "nor this one"},
+        ],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    args = ["--coco-captions", str(tmp_path / "captions.json"), "--image-root", str(root)]
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "sizes.json").read_text())["total"] == 2
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped == [
+        {
+            "image": "two_again.jpg",
+            "image_id": 2,
+            "reason": "duplicate image id: images[2] repeats the id of two.jpg, which gets "
+            "the annotations",
+        },
+        {"annotation": 12, "image_id": 3, "reason": "image_id not in images: annotations[2]"},
+        {"annotation": 13, "image_id": 9, "reason": "image_id not in images: annotations[3]"},
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"duplicate image id": 1, "image_id not in images": 2}
+    assert "captions.json: left out 3 entries" in caplog.text
+    captions = {m["image"]: m["captions"] for m in tar_json(out / "shard-000000.tar").values()}
+    assert captions == {"one.jpg": ["one"], "two.jpg": ["two"]}
+
+    # The same input again is up to date; an input change only in left-out entries is not.
+    with caplog.at_level(logging.INFO, logger="data_modules"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert "is up to date" in caplog.text
+    caplog.clear()
+    coco["annotations"].pop()
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.INFO, logger="data_modules"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert "is up to date" not in caplog.text
+    assert len(json.loads((out / "skipped.json").read_text())) == 2
