@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: loss curves."""
+"""Pictures people would rather look at than read: loss curves, retrieval examples."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 _logger = logging.getLogger(__name__)
@@ -73,3 +74,129 @@ class LossCurvePlotter(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.update(state_dict.get("history", {}))
+
+
+class RetrievalExamplesPlotter(Callback):
+    """Shows what contrastive alignment has learned, after every validation epoch.
+
+    Takes the first validation batch (images with their captions), ranks the batch's captions
+    for each of the first ``num_images`` images by the student's ITC similarity, and writes
+    ``retrieval_examples.png`` (each image beside its top ``top_k`` captions; captions of the
+    same image, by ``image_id`` when the batch has one, in green, others in red) into the run's log directory. It also logs one line with
+    the epoch's in-batch image-to-text top-1 accuracy and ITM balanced accuracy next to their
+    chance levels, when the task logs them (``PretrainTask`` does).
+
+    Batches without ``image``, ``input_ids`` and ``attention_mask`` (for example the
+    image-only and caption-only batches of retrieval evaluation) are ignored.
+
+    Args:
+        num_images: images shown.
+        top_k: captions listed per image.
+        filename: file written into the log directory (overwritten every epoch).
+    """
+
+    KEYS = ("image", "input_ids", "attention_mask")
+
+    def __init__(self, num_images: int = 6, top_k: int = 3,
+                 filename: str = "retrieval_examples.png") -> None:
+        if num_images < 1 or top_k < 1:
+            raise ValueError(f"num_images and top_k must be >= 1, got {num_images}, {top_k}")
+        self.num_images = num_images
+        self.top_k = top_k
+        self.filename = filename
+        self._batch: dict[str, Any] | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._batch = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx: int = 0) -> None:
+        if self._batch is None and isinstance(batch, dict) and all(k in batch for k in self.KEYS):
+            self._batch = {k: batch[k].detach() for k in (*self.KEYS, "image_id") if k in batch}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._batch is None:
+            return
+        batch_size = int(self._batch["image"].shape[0])
+        path, _ = self.plot(pl_module, self._batch, _tokenizer(trainer),
+                            Path(trainer.log_dir or trainer.default_root_dir) / self.filename,
+                            trainer.current_epoch)
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch} validation:"]
+        if "val/itc_acc_i2t" in metrics:
+            parts.append(f"in-batch image->text top-1 {100 * float(metrics['val/itc_acc_i2t']):.1f}% "
+                         f"(chance {100 / batch_size:.1f}%);")
+        if "val/itm_acc" in metrics:
+            parts.append(f"ITM balanced accuracy {100 * float(metrics['val/itm_acc']):.1f}% "
+                         "(chance 50%);")
+        parts.append(f"examples: {path}")
+        _logger.info(" ".join(parts))
+
+    @torch.no_grad()
+    def plot(self, pl_module, batch: dict[str, torch.Tensor], tokenizer, path: Path,
+             epoch: int) -> tuple[Path, int]:
+        """Rank the batch's captions for its first images and write the PNG to ``path``.
+
+        Returns the path and how many of the shown images rank their own caption first.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from albef_pl.transforms import CLIP_MEAN, CLIP_STD
+
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            f = pl_module.model.features(batch["image"], batch["input_ids"], batch["attention_mask"])
+            sim = (f.image_feat.float() @ f.text_feat.float().T).cpu()
+        finally:
+            pl_module.train(was_training)
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        captions = [tokenizer.decode(ids[i][mask[i].bool()], skip_special_tokens=True)
+                    for i in range(len(ids))]
+        image_id = batch.get("image_id")
+
+        def own(j: int, row: int) -> bool:  # caption j describes image `row`
+            if image_id is not None:
+                return bool(image_id[j] == image_id[row])
+            return captions[j] == captions[row]
+
+        n = min(self.num_images, len(captions))
+        k = min(self.top_k, len(captions))
+        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        fig, axes = plt.subplots(n, 2, figsize=(9, 1.6 * n), dpi=100,
+                                 gridspec_kw={"width_ratios": [1, 4]}, squeeze=False)
+        hits = 0
+        for row in range(n):
+            image = (batch["image"][row].float().cpu() * std + mean).clamp(0, 1)
+            axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
+            axes[row, 0].axis("off")
+            ranked = sim[row].topk(k).indices.tolist()
+            hits += own(ranked[0], row)
+            ax = axes[row, 1]
+            ax.axis("off")
+            for rank, j in enumerate(ranked):
+                ax.text(0.0, 0.85 - 0.3 * rank, f"{rank + 1}. {captions[j]}  ({float(sim[row, j]):.2f})",
+                        color="green" if own(j, row) else "firebrick", fontsize=9, transform=ax.transAxes,
+                        va="center")
+        fig.suptitle(f"epoch {epoch}: top-{k} of {len(captions)} captions by ITC "
+                     f"(green: the image's own); top-1 right for {hits}/{n}", fontsize=10)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path, hits
+
+
+def _tokenizer(trainer: L.Trainer):
+    """The data module's Hugging Face tokenizer, or the offline default."""
+    caption_tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    inner = getattr(caption_tokenizer, "tokenizer", None)
+    if inner is not None:
+        return inner
+    from albef_pl.text import build_tokenizer
+
+    return build_tokenizer(None)

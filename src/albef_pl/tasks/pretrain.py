@@ -87,7 +87,12 @@ class PretrainTask(ALBEFTask):
             self.log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=True, batch_size=b)
         with torch.no_grad():  # in-batch image->text top-1 of the student: learning made visible
             s = out["student"]
-            acc = (s.image_feat @ s.text_feat.T).argmax(1).eq(torch.arange(b, device=self.device))
+            top = (s.image_feat @ s.text_feat.T).argmax(1)
+            image_id = batch.get("image_id")
+            if image_id is not None:  # any caption of the same image counts (COCO has five)
+                acc = image_id[top].eq(image_id)
+            else:
+                acc = top.eq(torch.arange(b, device=self.device))
             # ITM balanced accuracy: the mean of the recall on matches and on hard negatives,
             # so a head that always answers "no match" scores 0.5 (plain accuracy: 2/3).
             pred = out["itm_logits"].argmax(1)

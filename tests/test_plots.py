@@ -1,0 +1,61 @@
+"""The PNG callbacks: what they count and that they write a picture."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import torch
+
+from albef_pl.models.albef import Features
+from albef_pl.plots import RetrievalExamplesPlotter
+from albef_pl.tasks import PretrainTask
+
+from conftest import tiny_text, tiny_vision
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{int(i)}" for i in ids if int(i) > 2)
+
+
+def test_retrieval_examples_count_the_images_whose_own_caption_ranks_first(tmp_path, monkeypatch):
+    task = PretrainTask(vision=tiny_vision(), text=tiny_text(), embed_dim=8, queue_size=8,
+                        init_weights=False)
+    b = 6
+    image_feat = torch.eye(8)[:b]
+    text_feat = image_feat.clone()
+    text_feat[[3, 4, 5]] = text_feat[[4, 5, 3]]  # images 3..5 now match another caption best
+
+    def fake_features(image, ids, mask):
+        return Features(torch.zeros(b, 2, 4), torch.zeros(b, 3, 4), image_feat, text_feat)
+
+    monkeypatch.setattr(task.model, "features", fake_features)
+    ids = torch.arange(10, 10 + b)[:, None].repeat(1, 3)  # distinct captions "w10 w10 w10", ...
+    batch = {"image": torch.randn(b, 3, 32, 32), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}
+    plotter = RetrievalExamplesPlotter(num_images=b, top_k=2)
+    path, hits = plotter.plot(task, batch, _Tok(), tmp_path / "ex.png", epoch=0)
+    assert hits == 3
+    # with image ids, another caption of the same image counts: images 3 and 4 share id 3,
+    # and image 4 ranks caption 3 first
+    batch["image_id"] = torch.tensor([0, 1, 2, 3, 3, 5])
+    _, hits = plotter.plot(task, batch, _Tok(), tmp_path / "ex2.png", epoch=0)
+    assert hits == 4
+    assert path.stat().st_size > 1000
+    assert task.training  # the model's mode is restored
+
+
+def test_summary_line_names_chance_levels(tmp_path, monkeypatch, caplog):
+    plotter = RetrievalExamplesPlotter(num_images=2, top_k=1)
+    plotter._batch = {"image": torch.zeros(32, 3, 8, 8)}
+    monkeypatch.setattr(plotter, "plot", lambda *a, **k: (tmp_path / "x.png", 1))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, log_dir=str(tmp_path),
+                              default_root_dir=str(tmp_path), current_epoch=2, datamodule=None,
+                              callback_metrics={"val/itc_acc_i2t": torch.tensor(0.5),
+                                                "val/itm_acc": torch.tensor(0.75)})
+    monkeypatch.setattr("albef_pl.plots._tokenizer", lambda trainer: _Tok())
+    with caplog.at_level(logging.INFO, logger="albef_pl.plots"):
+        plotter.on_validation_end(trainer, None)
+    line = caplog.messages[-1]
+    assert "top-1 50.0% (chance 3.1%)" in line and "ITM balanced accuracy 75.0% (chance 50%)" in line
