@@ -127,6 +127,24 @@ class PretrainDataModule(L.LightningDataModule):
         # NOTE: ALBEF's layout (no trailing [SEP]) is the default because the official
         # checkpoints were trained on it; stock BERT's layout is one flag away.
         self.tokenizer = CaptionTokenizer(tokenizer, max_length, append_sep, padding="longest")
+        # Fail before any model is built: shard lists that name missing files, and a
+        # tokenizer that cannot be loaded, are reported now rather than at the first batch.
+        for name, spec in (("train_shards", train_shards), ("val_shards", val_shards)):
+            try:
+                _as_sources(spec)
+            except (FileNotFoundError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"data.{name}: {err}. Give a directory of .tar shards, a brace pattern "
+                    "or a URL (`make shards-demo` / `albef-pl-shards` write shards)."
+                ) from err
+        try:
+            self.tokenizer.tokenizer
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"data.tokenizer: cannot load a tokenizer from {tokenizer!r} ({err}). Give a "
+                "local directory with vocab.txt, a hub name with network access, or null "
+                "for the offline MiniLM package."
+            ) from err
         self._world: tuple[int, int] | None = None
         self._loaders: dict[str, EpochLoader] = {}
         self._epochs: dict[str, int] = {}

@@ -86,6 +86,8 @@ def test_demo_fit_then_validate_smoke(tmp_path, monkeypatch):
                        ["--data.batch_size", "8", "--data.num_workers", "0",
                         "--data.num_train_samples", "32"])
     assert (tmp_path / "runs/demo/csv/version_0/metrics.csv").is_file()
+    for png in ("loss_curves.png", "retrieval_examples.png"):
+        assert (tmp_path / "runs/demo/csv/version_0" / png).stat().st_size > 1000, png
 
 
 @requires_shared
@@ -144,3 +146,38 @@ def test_readme_custom_task_example_trains_smoke(tmp_path, monkeypatch):
     assert type(cli.model).__name__ == "MyTask"
     assert hasattr(cli.model.teacher, "length_head")
     assert math.isfinite(float(cli.trainer.callback_metrics["val/loss_length"]))
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_wrong_shard_path_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # The text weights named here do not exist either: the data error must come first.
+    err = _cli_error(["fit", "--config", str(ROOT / "conf/demo.yaml"),
+                      "--data.train_shards", str(tmp_path / "nope"),
+                      "--model.init_args.text.pretrained", str(tmp_path / "no_bert")], capsys)
+    assert "data.train_shards" in err and str(tmp_path / "nope") in err
+    assert "no_bert" not in err
+
+
+def test_ckpt_path_that_is_not_a_checkpoint_is_refused_with_a_reason(tmp_path, capsys):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    err = _cli_error(["validate", "--config", str(ROOT / "conf/demo.yaml"),
+                      "--ckpt_path", str(text)], capsys)
+    assert str(text) in err and "not a PyTorch checkpoint" in err
+
+    official = tmp_path / "ALBEF.pth"
+    torch.save({"model": {"temp": torch.tensor(0.07)}}, official)
+    err = _cli_error(["validate", "--config", str(ROOT / "conf/demo.yaml"),
+                      "--ckpt_path", str(official)], capsys)
+    assert str(official) in err and "albef-pl-convert" in err
+
+    err = _cli_error(["validate", "--config", str(ROOT / "conf/demo.yaml"),
+                      "--ckpt_path", str(tmp_path / "missing.ckpt")], capsys)
+    assert "no such file" in err
