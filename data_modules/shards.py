@@ -374,9 +374,11 @@ class ShardStream(IterableDataset):
             else [None] * len(self.sources)
         )
         self.epoch = 0
-        # FIXME: with num_workers=0 this counter lives in the main process and is not saved in
-        # checkpoints, so a resumed run draws another stream than an uninterrupted one.
-        self._iterations = 0  # counts __iter__ calls in this process (persistent workers)
+        # Counts __iter__ calls of this copy. A persistent worker keeps the epoch it was
+        # created with, so its draws use epoch + iterations; the main process (no workers)
+        # is told every epoch through set_epoch and uses the epoch alone. Either way the
+        # draws depend only on the epoch number, which checkpoints restore.
+        self._iterations = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch, which changes every random draw of the next iteration."""
@@ -389,7 +391,8 @@ class ShardStream(IterableDataset):
         counter = SkipCounter(where, self.warn_interval_s)
 
         # Training draws differ per epoch; validation draws (caption choice) do not.
-        epoch_part = f"{self.epoch}-{self._iterations}" if self.resampled else "eval"
+        epoch = self.epoch + (self._iterations if info is not None else 0)
+        epoch_part = str(epoch) if self.resampled else "eval"
         rng = random.Random(f"{self.seed}-{epoch_part}-{self.rank}-{worker}")
         self._iterations += 1
 

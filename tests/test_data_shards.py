@@ -203,8 +203,11 @@ def test_skip_counts_travel_back_from_workers(tmp_path: Path) -> None:
     # Every pass over the shard meets each bad case once; workers read whole shards.
     passes = counts["out_of_order"] // 2
     assert passes >= 8  # 32 good samples need at least 8 passes over 4 good ones
+    # Counts travel with batches, and each of the 2 workers reads up to 2 batches (here: 2
+    # passes) ahead, so a reason met late in a pass may lag by up to 4 passes.
+    lag = 2 * 2
     for reason, per_pass in EXPECTED_IN_SHARD.items():
-        assert passes * per_pass - 2 * per_pass <= counts[reason] <= passes * per_pass
+        assert (passes - lag) * per_pass <= counts[reason] <= passes * per_pass
 
 
 def test_all_bad_source_fails_loudly_instead_of_hanging(tmp_path: Path) -> None:
@@ -408,8 +411,32 @@ def test_lightning_sees_the_length_and_logs_skips(tmp_path: Path) -> None:
 
 def test_missing_local_shards_fail_with_a_clear_message(tmp_path: Path) -> None:
     write_good_shards(tmp_path, [2])
-    dm = make_dm(train_shards=str(tmp_path / "shard-{000000..000001}.tar"))
-    with pytest.raises(FileNotFoundError, match="1 of 2 local files missing"):
-        dm.train_dataloader()
+    # Checked when the data module is built, before any model or loader exists.
+    with pytest.raises(FileNotFoundError, match="data.train_shards: .*1 of 2 local files missing"):
+        make_dm(train_shards=str(tmp_path / "shard-{000000..000001}.tar"))
+    with pytest.raises(FileNotFoundError, match="data.val_shards: .*1 of 1 local files missing"):
+        make_dm(val_shards=str(tmp_path / "no_such_dir"))
+    # and again when the loader is made (shards removed after the module was built)
+    dm = make_dm(train_shards=str(tmp_path / "shard-000000.tar"))
+    (tmp_path / "shard-000000.tar").unlink()
     with pytest.raises(FileNotFoundError, match="1 of 1 local files missing"):
-        make_dm(val_shards=str(tmp_path / "no_such_dir")).val_dataloader()
+        dm.train_dataloader()
+
+
+def test_unloadable_tokenizer_fails_when_the_data_module_is_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.tokenizer: cannot load a tokenizer from"):
+        make_dm(tokenizer=str(tmp_path / "no_vocab_here"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_restored_epoch_counter_replays_that_epochs_draws(tmp_path: Path, num_workers: int) -> None:
+    """Resume: a data module given the saved epoch counter draws what the uninterrupted run
+    drew in that epoch, with or without worker processes."""
+    write_good_shards(tmp_path, [12, 12])
+    loader = make_dm(train_shards=str(tmp_path), num_workers=num_workers).train_dataloader()
+    uninterrupted = [ids_of(list(loader)) for _ in range(3)]
+    assert uninterrupted[1] != uninterrupted[2]
+
+    resumed = make_dm(train_shards=str(tmp_path), num_workers=num_workers)
+    resumed.load_state_dict({"epochs": {"train": 2}})
+    assert ids_of(list(resumed.train_dataloader())) == uninterrupted[2]
