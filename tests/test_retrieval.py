@@ -321,3 +321,15 @@ def test_paper_configs_parse(name, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["lr"] == 1e-5
     assert printed["model"]["init_args"]["vision"]["img_size"] == 384
+
+
+def test_a_batch_without_image_indices_is_refused_with_the_data_module_to_use():
+    from albef_pl.tasks.retrieval import RetrievalTask
+
+    task = RetrievalTask(vision=tiny_vision(), text=tiny_text(), embed_dim=16, queue_size=8,
+                         init_weights=False)
+    ids = torch.randint(5, 128, (2, 6))
+    batch = {"image": torch.randn(2, 3, 32, 32), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}  # a pre-training batch: no "idx"
+    with pytest.raises(KeyError, match="RetrievalDataModule"):
+        task.training_step(batch, 0)

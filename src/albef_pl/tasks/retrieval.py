@@ -149,6 +149,12 @@ class RetrievalTask(ALBEFTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if "image" not in batch:  # every image of the batch was unreadable (already warned)
             return None
+        if "idx" not in batch:
+            raise KeyError(
+                f"RetrievalTask needs training batches with 'idx' (the image index of each "
+                f"caption, for ITC positives); this batch has {sorted(batch)}. Use "
+                "data_modules.retrieval.RetrievalDataModule, or a data module that adds it."
+            )
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         out = self.contrastive_and_matching(image, ids, mask, idx=batch["idx"], update_queue=True)
         loss = out["loss_itc"] + out["loss_itm"]
