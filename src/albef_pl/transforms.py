@@ -338,9 +338,16 @@ def pretrain_transform(
     """
     if not augment:
         return eval_transform(image_size, reduced_decode=reduced_decode, normalize=normalize)
+    return _augmenting_transform(image_size, 0.2, reduced_decode, normalize)
+
+
+def _augmenting_transform(
+    image_size: int, min_scale: float, reduced_decode: bool, normalize: bool
+) -> T.Compose:
+    """Crop (area ``min_scale``-1), horizontal flip, RandomAugment(2, 7), to tensor."""
     return T.Compose(
         [
-            RandomResizedCropRGB(image_size, scale=(0.2, 1.0), reduced_decode=reduced_decode),
+            RandomResizedCropRGB(image_size, scale=(min_scale, 1.0), reduced_decode=reduced_decode),
             T.RandomHorizontalFlip(),
             RandomAugment(2, 7),
             *_to_tensor(normalize),
@@ -363,14 +370,7 @@ def finetune_transform(
     Returns:
         A callable from a PIL image (decoded or not) to a tensor (3, S, S).
     """
-    return T.Compose(
-        [
-            RandomResizedCropRGB(image_size, scale=(0.5, 1.0), reduced_decode=reduced_decode),
-            T.RandomHorizontalFlip(),
-            RandomAugment(2, 7),
-            *_to_tensor(normalize),
-        ]
-    )
+    return _augmenting_transform(image_size, 0.5, reduced_decode, normalize)
 
 
 def eval_transform(
