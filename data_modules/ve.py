@@ -70,9 +70,7 @@ def parse_label(value: Any) -> int:
     Raises:
         ValueError: anything else.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"label {value!r} is neither a name nor an index")
-    if isinstance(value, int) and 0 <= value < len(LABELS):
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(LABELS):
         return value
     if isinstance(value, str):
         name = value.strip().lower()
