@@ -245,6 +245,15 @@ def test_official_ve_state_dict_loads_into_the_task(tmp_path):
     for key, value in source.state_dict().items():
         assert torch.equal(task.state_dict()[key], value), key
 
+    # The command line: albef-pl-convert ve.pth ve.ckpt --task ve (a Lightning checkpoint).
+    from albef_pl.convert import main as convert
+
+    assert convert([str(path), str(tmp_path / "ve.ckpt"), "--task", "ve"]) == 0
+    ckpt = torch.load(tmp_path / "ve.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["_class_path"] == "albef_pl.tasks.ve.VisualEntailmentTask"
+    for key, value in source.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][key], value), key
+
 
 def test_pretraining_checkpoint_initialises_encoders_and_a_fresh_head(tmp_path):
     from albef_pl.tasks import PretrainTask
