@@ -21,7 +21,7 @@ from albef_pl.losses import classifier_loss
 from albef_pl.momentum import ema_update
 from albef_pl.tasks.ve import LABEL_NAMES, LABELS, VisualEntailmentTask
 from conftest import ROOT, SHARED, requires_shared, tiny_text, tiny_vision
-from data_modules.ve import VEDataModule, parse_label, read_ve_json
+from data_modules.ve import UnpaddedDistributedSampler, VEDataModule, parse_label, read_ve_json
 
 SAMPLE_CONF = ROOT / "conf" / "finetune" / "ve_sample.yaml"
 SAMPLE_JSON = SHARED / "data" / "vl_tasks" / "albef_format" / "ve_sample.json"
@@ -217,6 +217,13 @@ def test_bad_label_names_the_file_and_the_entry(tmp_path):
     with pytest.raises(ValueError, match=r"ve\.json: entry 0 .* has no 'label'"):
         read_ve_json(path)
     assert read_ve_json(path, require_label=False)[0].label == -1  # predict files may lack it
+
+
+def test_evaluation_sampler_gives_every_pair_to_exactly_one_process():
+    data = list(range(7))
+    shares = [list(UnpaddedDistributedSampler(data, 3, r)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(UnpaddedDistributedSampler(data, 3, r)) for r in range(3)] == [3, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------
