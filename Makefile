@@ -8,7 +8,8 @@ DATA ?= data
 STAMP := $(VENV)/.albef_pl_installed
 
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
-        finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample bench bench-quick clean
+        finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
+        finetune-ve finetune-ve-sample bench bench-quick clean
 
 install: $(STAMP)
 
@@ -63,6 +64,15 @@ finetune-retrieval-flickr: install
 finetune-retrieval-sample: install
 	@test -f runs/coco_sample/checkpoints/last.ckpt || { echo "no pre-trained checkpoint at runs/coco_sample/checkpoints/last.ckpt: run 'make pretrain-sample' first (or add --model.init_checkpoint null via ARGS)"; exit 1; }
 	$(CLI) fit --config conf/finetune/retrieval_coco_sample.yaml $(ARGS)
+
+finetune-ve: install
+	$(CLI) fit --config conf/finetune/ve.yaml $(ARGS)
+
+VE_SAMPLE := $(SHARED)/data/vl_tasks/albef_format/ve_sample.json
+finetune-ve-sample: install
+	@test -f $(VE_SAMPLE) || { echo "$(SHARED)/data/vl_tasks not found: set SHARED=/path/to/shared"; exit 1; }
+	$(CLI) fit --config conf/finetune/ve_sample.yaml --data.image_root $(SHARED)/data/vl_tasks \
+	  --data.train_file $(VE_SAMPLE) --data.val_file $(VE_SAMPLE) --data.test_file $(VE_SAMPLE) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py --out bench_results

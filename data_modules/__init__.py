@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
     from data_modules.retrieval import RetrievalDataModule
     from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
+    from data_modules.ve import VEDataModule
 
 _EXPORTS = {
     "PretrainDataModule": "data_modules.pretrain",
@@ -21,6 +22,7 @@ _EXPORTS = {
     "SKIP_REASONS": "data_modules.shards",
     "EpochLoader": "data_modules.shards",
     "ShardStream": "data_modules.shards",
+    "VEDataModule": "data_modules.ve",
 }
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "RetrievalDataModule",
     "ShardStream",
     "SkippedSamplesLogger",
+    "VEDataModule",
 ]
 
 

@@ -36,7 +36,8 @@ Dropped on the way in and rebuilt on the way out (:func:`drop_reason`):
 ``*.cls.predictions.decoder.weight`` (the word-embedding matrix again: the decoder is tied)
 and ``*.cls.predictions.decoder.bias`` (``cls.predictions.bias`` again).
 
-Target names for the tasks still to come, so they only plug in their modules:
+Target names of the downstream tasks (SNLI-VE is built: :mod:`albef_pl.tasks.ve`; the
+others are still to come, so they only plug in their modules):
 
 * VQA: ``model.answer_decoder`` with ``embeddings`` (``BertEmbeddings``), ``layers.{j}``
   (fusion-style layers: self-attention, ``crossattention`` over the question states,
@@ -930,6 +931,7 @@ def export_official(
 TASKS = {
     "pretrain": "albef_pl.tasks.pretrain:PretrainTask",
     "retrieval": "albef_pl.tasks.retrieval:RetrievalTask",
+    "ve": "albef_pl.tasks.ve:VisualEntailmentTask",
     "grounding": "albef_pl.tasks.grounding:GroundingTask",
 }
 

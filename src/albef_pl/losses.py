@@ -244,3 +244,32 @@ def mlm_loss(
         distill = -(F.log_softmax(logits, dim=-1) * soft).sum(dim=-1).mean()
         loss = (1 - alpha) * loss + alpha * distill
     return loss
+
+
+def classifier_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of a classifier head, distilled from a teacher (SNLI-VE, NLVR2).
+
+    ``(1 - alpha) * CE(logits, labels) - alpha * mean_b sum_c softmax(teacher)_c *
+    log_softmax(logits)_c``; plain cross-entropy without a teacher or with ``alpha == 0``.
+
+    Args:
+        logits: (B, C) student logits.
+        labels: (B,) class indices.
+        teacher_logits: (B, C) momentum-teacher logits (no gradient is taken through them).
+        alpha: distillation weight.
+
+    Returns:
+        Scalar loss, averaged over the batch.
+    """
+    logits = logits.float()
+    loss = F.cross_entropy(logits, labels)
+    if teacher_logits is None or alpha <= 0:
+        return loss
+    soft = F.softmax(teacher_logits.detach().float(), dim=1)
+    distill = -(F.log_softmax(logits, dim=1) * soft).sum(dim=1).mean()
+    return (1 - alpha) * loss + alpha * distill

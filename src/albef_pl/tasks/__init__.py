@@ -2,5 +2,6 @@
 
 from albef_pl.tasks.base import ALBEFTask
 from albef_pl.tasks.pretrain import PretrainTask
+from albef_pl.tasks.ve import VisualEntailmentTask
 
-__all__ = ["ALBEFTask", "PretrainTask"]
+__all__ = ["ALBEFTask", "PretrainTask", "VisualEntailmentTask"]

@@ -77,6 +77,8 @@ class ALBEFTask(L.LightningModule):
     clamp_temp = True
     #: Keep an image-id queue (retrieval, grounding).
     queue_with_idx = False
+    #: Build the ITC feature queues (tasks without ITC, such as SNLI-VE, have none).
+    uses_queue = True
 
     def __init__(
         self,
@@ -127,8 +129,12 @@ class ALBEFTask(L.LightningModule):
         self.model = ALBEF(vision, text, embed_dim, temp, init_weights=init_weights)
         self.configure_heads()
         self.teacher = make_teacher(self.model)
-        self.queue = FeatureQueue(
-            embed_dim, queue_size, with_idx=self.queue_with_idx, start_empty=empty_queue
+        self.queue = (
+            FeatureQueue(
+                embed_dim, queue_size, with_idx=self.queue_with_idx, start_empty=empty_queue
+            )
+            if self.uses_queue
+            else None
         )
         self.register_buffer("alpha", torch.tensor(0.0 if alpha_warmup else alpha))
         self._generator: torch.Generator | None = None

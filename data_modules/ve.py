@@ -1,0 +1,366 @@
+"""SNLI-VE data: ALBEF's ``ve_{train,dev,test}.json`` and the shared sample's layout.
+
+Each file is a json list of ``{"image", "sentence", "label"}``:
+
+- ``image``: a Flickr30K id without extension (the original's files: the path is
+  ``image_root/<image>.jpg``) or a path with an extension relative to ``image_root`` (the
+  shared sample's ``images/visual_entailment/<id>.jpg``);
+- ``sentence``: the hypothesis, cleaned by :func:`albef_pl.text.pre_caption`;
+- ``label``: ``entailment``/``neutral``/``contradiction`` (any case) or its index 2/1/0.
+  Other keys (the sample's ``premise_caption``) are ignored.
+
+Batches hold ``image`` (B, 3, S, S), ``input_ids`` and ``attention_mask`` (B, L), ``label``
+(B,) (-1 for an unlabelled predict entry), ``index`` (B,) the entry's position in its split,
+``image_path`` and ``sentence`` (lists of B raw strings), and ``num_skipped``: samples whose
+image failed to decode are dropped from their batch and counted (a batch of nothing but
+failures holds only that count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from albef_pl.tasks.ve import LABELS
+from albef_pl.text import CaptionTokenizer, pre_caption
+from albef_pl.transforms import eval_transform, finetune_transform
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["VEDataModule", "VEDataset", "VEPair", "parse_label", "read_ve_json"]
+
+# Errors that mean "this file is not a usable image"; anything else is a bug and propagates.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_NAMED_MISSING = 10
+SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
+NO_LABEL = -1
+
+
+@dataclass
+class VEPair:
+    """One (image, sentence, label) entry.
+
+    Attributes:
+        image: image path (``image_root`` joined, ``.jpg`` added to a bare id).
+        sentence: the raw hypothesis.
+        label: class index (see :data:`albef_pl.tasks.ve.LABELS`), -1 when unlabelled.
+        index: position of the entry in its file(s).
+    """
+
+    image: str
+    sentence: str
+    label: int
+    index: int
+
+
+def parse_label(value: Any) -> int:
+    """Class index of a label given as a name (any case) or as 0, 1, 2.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(LABELS):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in LABELS:
+            return LABELS[name]
+        if name.isdigit() and int(name) < len(LABELS):
+            return int(name)
+    raise ValueError(f"label {value!r} is not one of {sorted(LABELS)} or 0, 1, 2")
+
+
+def read_ve_json(
+    path: str | Path, image_root: str = "", require_label: bool = True, start: int = 0
+) -> list[VEPair]:
+    """Read one SNLI-VE json file.
+
+    Args:
+        path: the json file (a list of ``{image, sentence, label}``).
+        image_root: folder the image names are relative to.
+        require_label: raise on an entry without ``label`` (predict files may lack it).
+        start: index of the file's first entry (files of one split are numbered on).
+
+    Raises:
+        ValueError: the file is not such a list, or an entry lacks a field or has a label
+            that is not a SNLI-VE label; the message names the file and the entry.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a json list of {{image, sentence, label}} entries, "
+                         f"found {type(data).__name__}")
+    pairs = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict) or "image" not in entry or "sentence" not in entry:
+            raise ValueError(f"{where} ({str(entry)[:120]}) lacks 'image' or 'sentence'")
+        if "label" in entry:
+            try:
+                label = parse_label(entry["label"])
+            except ValueError as err:
+                raise ValueError(f"{where} (image {entry['image']!r}): {err}") from None
+        elif require_label:
+            raise ValueError(f"{where} (image {entry['image']!r}) has no 'label'")
+        else:
+            label = NO_LABEL
+        image = str(entry["image"])
+        if not os.path.splitext(image)[1]:  # a bare Flickr30K id, as in the original files
+            image += ".jpg"
+        pairs.append(VEPair(os.path.join(image_root, image), str(entry["sentence"]), label,
+                            start + i))
+    return pairs
+
+
+class VEDataset(Dataset):
+    """(image, sentence, label) samples; an unreadable image yields ``None`` (see collate).
+
+    Args:
+        pairs: the entries.
+        transform: PIL image (not yet decoded) -> tensor.
+        max_words: words kept by :func:`pre_caption`.
+    """
+
+    def __init__(self, pairs: Sequence[VEPair], transform, max_words: int = 30) -> None:
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        pair = self.pairs[i]
+        try:
+            with Image.open(pair.image) as img:
+                image = self.transform(img)
+        except _IMAGE_ERRORS as err:
+            _logger.warning("skipped unreadable image %s (%s: %s)", pair.image,
+                            type(err).__name__, err)
+            return None
+        return {"image": image, "text": pre_caption(pair.sentence, self.max_words),
+                "pair": pair}
+
+
+class VECollate:
+    """Stack images, tokenize sentences, drop samples whose image failed (and count them)."""
+
+    def __init__(self, tokenizer: CaptionTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [x for x in items if x is not None]
+        if not good:
+            return {"num_skipped": len(items)}
+        tokens = self.tokenizer([x["text"] for x in good])
+        pairs = [x["pair"] for x in good]
+        return {
+            "image": torch.stack([x["image"] for x in good]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "label": torch.tensor([p.label for p in pairs], dtype=torch.long),
+            "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+            "image_path": [p.image for p in pairs],
+            "sentence": [p.sentence for p in pairs],
+            "num_skipped": len(items) - len(good),
+        }
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sampler: sample ``i`` goes to process ``i % world``, nothing repeated.
+
+    # NOTE: the original (and torch's ``DistributedSampler``) pads the evaluation set with
+    # duplicates to a multiple of the world size, so a few pairs are counted twice; here
+    # every pair counts once (the accuracy metric sums counts over processes).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class VEDataModule(L.LightningDataModule):
+    """SNLI-VE data for fine-tuning and evaluation.
+
+    Args:
+        image_root: folder the json image names are relative to (Flickr30K images).
+        train_file: training json file(s) (``ve_train.json``).
+        val_file: validation json file(s) (``ve_dev.json``), evaluated after every epoch.
+        test_file: test json file(s) (``ve_test.json``).
+        predict_file: json file(s) for ``predict`` (labels optional); default ``test_file``.
+        image_size: side length of the model's input (384 in the paper).
+        batch_size: training batch per process (32 in the paper).
+        eval_batch_size: evaluation batch per process (64 in the paper).
+        num_workers: data-loader workers per process.
+        tokenizer: tokenizer directory or hub name; ``None`` = the offline MiniLM vocabulary
+            (bert-base-uncased's).
+        max_length: token cap, [CLS] included. The original pads to the longest sentence and
+            does not truncate; its sentences are at most ``max_words`` words, which fit in
+            the default 64 word pieces.
+        max_words: words kept by :func:`pre_caption`.
+        append_sep: end sentences with [SEP] (stock BERT) instead of ALBEF's [CLS]-only layout.
+        check_images: drop entries whose image file does not exist at setup, naming them.
+        pin_memory: pin host memory in the loaders.
+        drop_last: drop the last incomplete training batch (as the original).
+    """
+
+    def __init__(
+        self,
+        image_root: str,
+        train_file: str | list[str] | None = None,
+        val_file: str | list[str] | None = None,
+        test_file: str | list[str] | None = None,
+        predict_file: str | list[str] | None = None,
+        image_size: int = 384,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 4,
+        tokenizer: str | None = None,
+        max_length: int = 64,
+        max_words: int = 30,
+        append_sep: bool = False,
+        check_images: bool = True,
+        pin_memory: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, VEDataset] = {}
+        self._skipped: dict[str, dict[str, int]] = {}
+
+    # ---- reading
+    @staticmethod
+    def _files(value: str | list[str] | None) -> list[str]:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+    def _split_files(self, split: str) -> list[str]:
+        h = self.hparams
+        if split == "predict":
+            return self._files(h.predict_file or h.test_file)
+        return self._files(getattr(h, f"{split}_file"))
+
+    def _pairs(self, split: str, files: list[str]) -> list[VEPair]:
+        h = self.hparams
+        pairs: list[VEPair] = []
+        for f in files:
+            pairs += read_ve_json(f, h.image_root, require_label=split != "predict",
+                                  start=len(pairs))
+        if h.check_images:
+            pairs = self._drop_missing(pairs, split)
+        return pairs
+
+    def _count(self, split: str, reason: str, n: int) -> None:
+        counts = self._skipped.setdefault(split, dict.fromkeys(SKIP_REASONS, 0))
+        counts[reason] += n
+
+    def skipped_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples skipped so far in this process, by reason (every reason present).
+
+        ``missing_image``: entries whose file was absent at setup; ``corrupt_image``: images
+        that failed to decode (dropped from their batch). Works with
+        :class:`data_modules.SkippedSamplesLogger`.
+        """
+        return dict(self._skipped.get(split, dict.fromkeys(SKIP_REASONS, 0)))
+
+    def _drop_missing(self, pairs: list[VEPair], split: str) -> list[VEPair]:
+        exists: dict[str, bool] = {}
+        for p in pairs:
+            if p.image not in exists:
+                exists[p.image] = os.path.isfile(p.image)
+        missing = [p for p in pairs if not exists[p.image]]
+        self._count(split, "missing_image", len(missing))
+        if missing:
+            names = sorted({p.image for p in missing})
+            _logger.warning(
+                "%s: %d of %d pairs skipped, their images (%d) not found, e.g. %s", split,
+                len(missing), len(pairs), len(names), ", ".join(names[:_NAMED_MISSING]),
+            )
+        return [p for p in pairs if exists[p.image]]
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
+                  "predict": ["predict"]}
+        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
+            if split in self.datasets:
+                continue
+            files = self._split_files(split)
+            if not files:
+                continue
+            pairs = self._pairs(split, files)
+            if not pairs:
+                raise ValueError(f"{split}: no pair of {', '.join(files)} has its image under "
+                                 f"data.image_root={h.image_root!r}")
+            transform = (finetune_transform(h.image_size) if split == "train"
+                         else eval_transform(h.image_size))
+            self.datasets[split] = VEDataset(pairs, transform, h.max_words)
+            counts = [sum(p.label == c for p in pairs) for c in range(len(LABELS))]
+            _logger.info("%s: %d pairs of %d images (contradiction/neutral/entailment %s)",
+                         split, len(pairs), len({p.image for p in pairs}), counts)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs in the main process, so counts made in the workers arrive here with the batch.
+        trainer = self.trainer
+        if trainer is None or "num_skipped" not in batch or trainer.sanity_checking:
+            return batch
+        split = ("train" if trainer.training else "val" if trainer.validating
+                 else "test" if trainer.testing else "predict")
+        self._count(split, "corrupt_image", int(batch["num_skipped"]))
+        return batch
+
+    # ---- loaders
+    def _collate(self) -> VECollate:
+        h = self.hparams
+        return VECollate(CaptionTokenizer(h.tokenizer, h.max_length, h.append_sep))
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            raise ValueError("data.train_file is required to fit")
+        h = self.hparams
+        return DataLoader(
+            self.datasets["train"], batch_size=h.batch_size, shuffle=True,
+            num_workers=h.num_workers, collate_fn=self._collate(), pin_memory=h.pin_memory,
+            drop_last=h.drop_last, persistent_workers=h.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        if split not in self.datasets:
+            return []
+        h = self.hparams
+        dataset = self.datasets[split]
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, self.trainer.world_size,
+                                                 self.trainer.global_rank)
+        batches = math.ceil(len(dataset) / h.eval_batch_size)
+        return DataLoader(
+            dataset, batch_size=h.eval_batch_size, shuffle=False, sampler=sampler,
+            num_workers=min(h.num_workers, batches), collate_fn=self._collate(),
+            pin_memory=h.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
