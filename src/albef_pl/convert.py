@@ -932,6 +932,7 @@ TASKS = {
     "pretrain": "albef_pl.tasks.pretrain:PretrainTask",
     "retrieval": "albef_pl.tasks.retrieval:RetrievalTask",
     "ve": "albef_pl.tasks.ve:VisualEntailmentTask",
+    "vqa": "albef_pl.tasks.vqa:VQATask",
     "grounding": "albef_pl.tasks.grounding:GroundingTask",
 }
 
