@@ -981,6 +981,8 @@ def task_kwargs_for(
     sd = _strip(state)
     if "temp" in sd:
         kwargs["temp"] = float(sd["temp"])
+    if any(k.startswith("text_decoder.") for k in sd):  # a VQA checkpoint: VQATask's depth
+        kwargs["decoder_layers"] = s.decoder_layers
     return kwargs
 
 
