@@ -466,6 +466,30 @@ def test_pretraining_checkpoint_fills_the_decoder_as_vqa_py(tmp_path):
                                    src.text_encoder.embeddings.word_embeddings.weight)
 
 
+def test_pretraining_checkpoint_with_narrow_image_tokens_leaves_decoder_key_value_fresh(
+    tmp_path,
+):
+    from albef_pl.tasks import PretrainTask
+
+    torch.manual_seed(7)  # image tokens 16 wide, text 32: as the CPU recipes (192 vs 384)
+    pre = PretrainTask(vision=tiny_vision(embed_dim=16), text=tiny_text(), embed_dim=16,
+                       queue_size=8, init_weights=False)
+    path = tmp_path / "small.pth"
+    torch.save({"model": export_official(pre)}, path)
+
+    task = tiny_task(seed=8, vision=tiny_vision(embed_dim=16))
+    fresh = task.model.answer_decoder.layers[0].crossattention.self.key.weight.clone()
+    report = load_official_into_task(task, path)
+    assert report.clean
+    cross = "answer_decoder.layers.0.crossattention.self."
+    assert f"model.{cross}key.weight" in report.kept and f"teacher.{cross}value.weight" in report.kept
+    dec = task.model.answer_decoder.layers[0].crossattention
+    assert dec.self.key.weight.shape == (32, 32) and torch.equal(dec.self.key.weight, fresh)
+    src = pre.model.fusion_encoder.layers[0].crossattention
+    torch.testing.assert_close(dec.self.query.weight, src.self.query.weight)  # same width
+    torch.testing.assert_close(dec.output.dense.weight, src.output.dense.weight)
+
+
 # ---------------------------------------------------------------------------------------------
 # The real CLI on the shared sample
 def _tiny_override(tmp: Path) -> Path:
