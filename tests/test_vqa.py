@@ -303,6 +303,15 @@ def test_teacher_has_decoder_copies_and_follows_the_student_by_ema():
     key = "answer_decoder.layers.0.crossattention.self.query.weight"
     assert not torch.equal(dict(task.teacher.named_parameters())[key], before[key])
 
+    # alpha ramps from 0 to 0.4 over the first epoch (the original's warm_up: True).
+    trainer = types.SimpleNamespace(global_step=0, num_training_batches=10,
+                                    accumulate_grad_batches=1)
+    ramp = []
+    for step in (0, 5, 10, 30):
+        trainer.global_step = step
+        ramp.append(callback.alpha_at(trainer, task))
+    assert ramp == pytest.approx([0.0, 0.2, 0.4, 0.4])
+
 
 def test_tiny_model_overfits_four_questions():
     task = tiny_task(seed=1)

@@ -312,7 +312,9 @@ def answer_nll(
     return (1 - alpha) * loss + alpha * distill
 
 
-def vqa_loss(answer_losses: torch.Tensor, weights: torch.Tensor, num_questions: int):
+def vqa_loss(
+    answer_losses: torch.Tensor, weights: torch.Tensor, num_questions: int
+) -> torch.Tensor:
     """ALBEF's VQA loss: answer losses weighted (VQA: count / annotators; VG: 0.5), summed
     and divided by the number of questions (not of answers)."""
     return (weights.to(answer_losses.dtype) * answer_losses).sum() / num_questions
