@@ -36,15 +36,17 @@ Dropped on the way in and rebuilt on the way out (:func:`drop_reason`):
 ``*.cls.predictions.decoder.weight`` (the word-embedding matrix again: the decoder is tied)
 and ``*.cls.predictions.decoder.bias`` (``cls.predictions.bias`` again).
 
-Target names of the downstream tasks (SNLI-VE is built: :mod:`albef_pl.tasks.ve`; the
-others are still to come, so they only plug in their modules):
+Target names of the downstream tasks (SNLI-VE and VQA are built: :mod:`albef_pl.tasks.ve`,
+:mod:`albef_pl.tasks.vqa`; the others are still to come, so they only plug in their modules):
 
 * VQA: ``model.answer_decoder`` with ``embeddings`` (``BertEmbeddings``), ``layers.{j}``
   (fusion-style layers: self-attention, ``crossattention`` over the question states,
   feed-forward) and ``lm_head`` (:class:`~albef_pl.models.text.MLMHead` tied to the
   decoder's own word embeddings). From a pre-training checkpoint the decoder's layer ``j``
   starts from fusion layer ``j`` and its embeddings and head from the text encoder's, while
-  the 12-layer encoder keeps every pre-trained layer (what ``VQA.py`` does).
+  the 12-layer encoder keeps every pre-trained layer (what ``VQA.py`` does). When the image
+  tokens are narrower than the text (small CPU models), the decoder's cross-attention
+  key/value weights cannot come from the fusion layers and stay fresh (reported as kept).
 * SNLI-VE: ``model.cls_head`` = ``Sequential(Linear(D, D), ReLU, Linear(D, 3))``.
 * NLVR2: ``model.fusion_encoder`` with ``2 * (L - k)`` layers; layers ``2j`` and ``2j + 1``
   both start from pre-trained fusion layer ``j`` (what ``Pretrain_nlvr.py`` does) and
