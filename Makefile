@@ -9,7 +9,7 @@ STAMP := $(VENV)/.albef_pl_installed
 
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
         finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
-        finetune-ve finetune-ve-sample bench bench-quick clean
+        finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample bench bench-quick clean
 
 install: $(STAMP)
 
@@ -73,6 +73,16 @@ finetune-ve-sample: install
 	@test -f $(VE_SAMPLE) || { echo "$(SHARED)/data/vl_tasks not found: set SHARED=/path/to/shared"; exit 1; }
 	$(CLI) fit --config conf/finetune/ve_sample.yaml --data.image_root $(SHARED)/data/vl_tasks \
 	  --data.train_file $(VE_SAMPLE) --data.val_file $(VE_SAMPLE) --data.test_file $(VE_SAMPLE) $(ARGS)
+
+finetune-vqa: install
+	$(CLI) fit --config conf/finetune/vqa.yaml $(ARGS)
+
+VQA_SAMPLE := $(SHARED)/data/vl_tasks/albef_format/vqa_sample.json
+finetune-vqa-sample: install
+	@test -f $(VQA_SAMPLE) || { echo "$(SHARED)/data/vl_tasks not found: set SHARED=/path/to/shared"; exit 1; }
+	$(CLI) fit --config conf/finetune/vqa_sample.yaml --data.vqa_root $(SHARED)/data/vl_tasks \
+	  --data.vg_root $(SHARED)/data/vl_tasks --data.train_files '[$(VQA_SAMPLE)]' \
+	  --data.val_file $(VQA_SAMPLE) --data.test_file $(VQA_SAMPLE) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py --out bench_results

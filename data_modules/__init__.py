@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from data_modules.retrieval import RetrievalDataModule
     from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
     from data_modules.ve import VEDataModule
+    from data_modules.vqa import VQADataModule
 
 _EXPORTS = {
     "PretrainDataModule": "data_modules.pretrain",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "EpochLoader": "data_modules.shards",
     "ShardStream": "data_modules.shards",
     "VEDataModule": "data_modules.ve",
+    "VQADataModule": "data_modules.vqa",
 }
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ShardStream",
     "SkippedSamplesLogger",
     "VEDataModule",
+    "VQADataModule",
 ]
 
 

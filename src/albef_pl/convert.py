@@ -36,15 +36,17 @@ Dropped on the way in and rebuilt on the way out (:func:`drop_reason`):
 ``*.cls.predictions.decoder.weight`` (the word-embedding matrix again: the decoder is tied)
 and ``*.cls.predictions.decoder.bias`` (``cls.predictions.bias`` again).
 
-Target names of the downstream tasks (SNLI-VE is built: :mod:`albef_pl.tasks.ve`; the
-others are still to come, so they only plug in their modules):
+Target names of the downstream tasks (SNLI-VE and VQA are built: :mod:`albef_pl.tasks.ve`,
+:mod:`albef_pl.tasks.vqa`; the others are still to come, so they only plug in their modules):
 
 * VQA: ``model.answer_decoder`` with ``embeddings`` (``BertEmbeddings``), ``layers.{j}``
   (fusion-style layers: self-attention, ``crossattention`` over the question states,
   feed-forward) and ``lm_head`` (:class:`~albef_pl.models.text.MLMHead` tied to the
   decoder's own word embeddings). From a pre-training checkpoint the decoder's layer ``j``
   starts from fusion layer ``j`` and its embeddings and head from the text encoder's, while
-  the 12-layer encoder keeps every pre-trained layer (what ``VQA.py`` does).
+  the 12-layer encoder keeps every pre-trained layer (what ``VQA.py`` does). When the image
+  tokens are narrower than the text (small CPU models), the decoder's cross-attention
+  key/value weights cannot come from the fusion layers and stay fresh (reported as kept).
 * SNLI-VE: ``model.cls_head`` = ``Sequential(Linear(D, D), ReLU, Linear(D, 3))``.
 * NLVR2: ``model.fusion_encoder`` with ``2 * (L - k)`` layers; layers ``2j`` and ``2j + 1``
   both start from pre-trained fusion layer ``j`` (what ``Pretrain_nlvr.py`` does) and
@@ -652,6 +654,10 @@ def _route(
     for key, value in ours.items():
         places = [t for t in route_targets(key, *route) if t in target]
         for t in places:
+            if _narrower_cross_attention(t, value, target, route):
+                report.kept[t] = ("decoder cross-attention over question states wider than "
+                                  "the image tokens of the fusion layer: fresh")
+                continue
             out[t] = value
         if places:
             continue
@@ -664,6 +670,18 @@ def _route(
         else:
             report.unexpected.append(origin[key])
     return out
+
+
+def _narrower_cross_attention(
+    key: str, value: torch.Tensor, target: Mapping[str, Any], route: tuple[str, str]
+) -> bool:
+    """A pre-trained fusion layer's cross-attention key/value that cannot fill the VQA
+    decoder's because the image width differs from the text width (small CPU models; at
+    ALBEF's sizes both are 768 and everything is copied, as in VQA.py)."""
+    return (
+        route == ("pretrain", "vqa") and ".answer_decoder.layers." in key
+        and ".crossattention.self." in key and tuple(target[key].shape) != tuple(value.shape)
+    )
 
 
 def _copy_teacher(out: dict[str, torch.Tensor], target: Mapping[str, Any], report: LoadReport):
@@ -789,7 +807,7 @@ def convert_state_dict(
     _fit_queues(out, target, report)
     _check_shapes(out, target, origin, source)
     for key in target:
-        if key not in out:
+        if key not in out and key not in report.kept:
             why = _kept_reason(key, route, ours)
             if why is None:
                 report.missing.append(key)
@@ -932,6 +950,7 @@ TASKS = {
     "pretrain": "albef_pl.tasks.pretrain:PretrainTask",
     "retrieval": "albef_pl.tasks.retrieval:RetrievalTask",
     "ve": "albef_pl.tasks.ve:VisualEntailmentTask",
+    "vqa": "albef_pl.tasks.vqa:VQATask",
     "grounding": "albef_pl.tasks.grounding:GroundingTask",
 }
 
@@ -980,6 +999,8 @@ def task_kwargs_for(
     sd = _strip(state)
     if "temp" in sd:
         kwargs["temp"] = float(sd["temp"])
+    if any(k.startswith("text_decoder.") for k in sd):  # a VQA checkpoint: VQATask's depth
+        kwargs["decoder_layers"] = s.decoder_layers
     return kwargs
 
 

@@ -273,3 +273,48 @@ def classifier_loss(
     soft = F.softmax(teacher_logits.detach().float(), dim=1)
     distill = -(F.log_softmax(logits, dim=1) * soft).sum(dim=1).mean()
     return (1 - alpha) * loss + alpha * distill
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA answer generation
+def answer_nll(
+    logits: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Per-answer language-modelling loss of the VQA decoder, summed over tokens.
+
+    Position ``t`` of ``logits`` predicts token ``t + 1``; the first token ([CLS]) is never
+    a target and padding is ignored. With a teacher: ``(1 - alpha) * NLL + alpha *
+    sum_t (-sum_v softmax(teacher)_v * log_softmax(student)_v)`` over the same positions.
+
+    Args:
+        logits: (N, La, V) decoder logits of N answers.
+        answer_ids: (N, La) answer token ids (``[CLS] a n s [SEP] [PAD] ..``).
+        answer_mask: (N, La) 1 on tokens, 0 on padding.
+        teacher_logits: (N, La, V) momentum-decoder logits, or None.
+        alpha: distillation weight.
+
+    Returns:
+        (N,) loss of each answer.
+    """
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, La-1, V)
+    targets = answer_ids[:, 1:]
+    keep = answer_mask[:, 1:].to(logp.dtype)  # (N, La-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss = (nll * keep).sum(dim=1)
+    if teacher_logits is None or alpha <= 0:
+        return loss
+    soft = F.softmax(teacher_logits[:, :-1].detach().float(), dim=-1)
+    distill = (-(soft * logp).sum(dim=-1) * keep).sum(dim=1)
+    return (1 - alpha) * loss + alpha * distill
+
+
+def vqa_loss(
+    answer_losses: torch.Tensor, weights: torch.Tensor, num_questions: int
+) -> torch.Tensor:
+    """ALBEF's VQA loss: answer losses weighted (VQA: count / annotators; VG: 0.5), summed
+    and divided by the number of questions (not of answers)."""
+    return (weights.to(answer_losses.dtype) * answer_losses).sum() / num_questions

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ground_truth_ranks", "retrieval_recall"]
+__all__ = ["ground_truth_ranks", "retrieval_recall", "vqa_accuracy"]
 
 # Rows per block when scanning score matrices: bounds the boolean masks built here.
 _ROW_CHUNK = 1024
@@ -110,3 +110,22 @@ def retrieval_recall(
         out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one predicted answer: ``min(#annotators who gave it / 3, 1)``.
+
+    Answers are compared after lower-casing and stripping. A question with fewer than three
+    ground-truth answers (Visual Genome, GQA: one each) divides by their number instead, so
+    an exact match scores 1.
+
+    # NOTE: the official VQA evaluation also normalises punctuation, articles and number
+    # words and averages the formula over the ten 9-annotator subsets; the candidates of
+    # ALBEF's answer list are already normalised, and the server (EvalAI) computes the
+    # reported numbers, so the simple form is used for ``val/vqa_acc``.
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+    pred = prediction.strip().lower()
+    hits = sum(a.strip().lower() == pred for a in answers)
+    return min(1.0, hits / min(3, len(answers)))

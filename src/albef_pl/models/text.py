@@ -144,15 +144,26 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE).to(dtype)
 
 
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, L, L) additive mask: 0 where query ``i`` may see key ``j <= i``, -10000 above."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return (future.to(dtype) * MASK_VALUE)[None, None]
+
+
 class MultiHeadAttention(nn.Module):
-    """BERT attention core (``query``/``key``/``value``), bidirectional, on SDPA.
+    """BERT attention core (``query``/``key``/``value``) on SDPA, bidirectional or causal.
 
     Keys and values may come from another sequence of a different width (cross-attention to
-    image tokens). With ``save_attention`` set, probabilities are computed explicitly and kept
-    in ``attention_probs`` (with their gradient retained) for Grad-CAM style maps.
+    image tokens or to question states). With ``causal`` each position sees only itself and
+    earlier positions (self-attention of the answer decoder). With ``save_attention`` set,
+    probabilities are computed explicitly and kept in ``attention_probs`` (with their
+    gradient retained) for Grad-CAM style maps.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, kv_width: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, kv_width: int, dropout: float,
+        causal: bool = False,
+    ) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by {num_heads} heads")
@@ -162,6 +173,7 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, hidden_size)
         self.value = nn.Linear(kv_width, hidden_size)
         self.dropout_p = dropout
+        self.causal = causal
         self.save_attention = False
         self.attention_probs: torch.Tensor | None = None
 
@@ -181,6 +193,10 @@ class MultiHeadAttention(nn.Module):
         v = self._heads(self.value(kv))
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
+        if self.causal:
+            # A key masked both as padding and as the future gets -10000 once, as in BERT.
+            future = causal_mask(q.shape[2], q.dtype, q.device)
+            attn_mask = future if attn_mask is None else torch.minimum(attn_mask, future)
         p = self.dropout_p if self.training else 0.0
 
         if self.save_attention:
@@ -202,11 +218,12 @@ class MultiHeadAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """Attention plus Hugging Face's output projection, dropout and post-LayerNorm."""
 
-    def __init__(self, cfg: BertConfig, kv_width: int | None = None) -> None:
+    def __init__(self, cfg: BertConfig, kv_width: int | None = None, causal: bool = False):
         super().__init__()
         width = kv_width or cfg.hidden_size
         self.self = MultiHeadAttention(
-            cfg.hidden_size, cfg.num_attention_heads, width, cfg.attention_probs_dropout_prob
+            cfg.hidden_size, cfg.num_attention_heads, width, cfg.attention_probs_dropout_prob,
+            causal=causal,
         )
         self.output = BertSelfOutput(cfg)
 
@@ -215,11 +232,14 @@ class AttentionBlock(nn.Module):
 
 
 class BertBlock(nn.Module):
-    """One post-norm BERT layer: self-attention, optional cross-attention, feed-forward."""
+    """One post-norm BERT layer: self-attention (causal in a decoder), optional
+    cross-attention, feed-forward."""
 
-    def __init__(self, cfg: BertConfig, encoder_width: int | None = None) -> None:
+    def __init__(
+        self, cfg: BertConfig, encoder_width: int | None = None, causal: bool = False
+    ) -> None:
         super().__init__()
-        self.attention = AttentionBlock(cfg)
+        self.attention = AttentionBlock(cfg, causal=causal)
         self.has_cross_attention = encoder_width is not None
         if self.has_cross_attention:
             self.crossattention = AttentionBlock(cfg, kv_width=encoder_width)
@@ -304,3 +324,41 @@ class MLMHead(nn.Module):
         """(..., D) -> (..., V) logits."""
         weight = self.word_embeddings[0].weight
         return F.linear(self.transform(hidden_states), weight, self.bias)
+
+
+class AnswerDecoder(nn.Module):
+    """The VQA answer decoder: BERT embeddings, layers with causal self-attention and
+    cross-attention to the question states, and an LM head tied to its own word embeddings
+    (the original's ``BertLMHeadModel`` with every layer cross-attending).
+
+    Args:
+        cfg: BERT sizes (those of the encoder).
+        num_layers: decoder layers (6 in ALBEF).
+        grad_checkpointing: recompute layer activations in backward.
+    """
+
+    def __init__(self, cfg: BertConfig, num_layers: int, grad_checkpointing: bool = False):
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = nn.ModuleList(
+            BertBlock(cfg, encoder_width=cfg.hidden_size, causal=True) for _ in range(num_layers)
+        )
+        self.lm_head = MLMHead(cfg, self.embeddings.word_embeddings)
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, La) answer ids attending to (N, Lq, D) question states -> (N, La, V) logits;
+        position ``t`` predicts token ``t + 1``."""
+        x = self.embeddings(input_ids=input_ids)  # (N, La, D)
+        mask = additive_mask(attention_mask, x.dtype)
+        q_mask = additive_mask(encoder_attention_mask, x.dtype)
+        x = _run_layers(
+            self.layers, x, self.grad_checkpointing, mask, encoder_hidden_states, q_mask
+        )
+        return self.lm_head(x)

@@ -3,5 +3,6 @@
 from albef_pl.tasks.base import ALBEFTask
 from albef_pl.tasks.pretrain import PretrainTask
 from albef_pl.tasks.ve import VisualEntailmentTask
+from albef_pl.tasks.vqa import VQATask
 
-__all__ = ["ALBEFTask", "PretrainTask", "VisualEntailmentTask"]
+__all__ = ["ALBEFTask", "PretrainTask", "VisualEntailmentTask", "VQATask"]

@@ -1,0 +1,416 @@
+"""VQA data: ALBEF's ``vqa_{train,val,test}.json``, ``vg_qa.json`` and ``answer_list.json``.
+
+Each question file is a json list of ``{"question_id", "question", "image", "dataset",
+"answer"}``:
+
+- ``image``: path relative to ``vqa_root`` (``dataset`` ``vqa``, and any other dataset such
+  as the shared sample's ``gqa``) or to ``vg_root`` (``dataset`` ``vg``);
+- ``dataset``: ``vqa`` when absent;
+- ``answer``: the human answers, a list of strings (VQA: ten annotators) or one string
+  (Visual Genome); required for training, optional for evaluation (test-dev has none).
+
+Training answers are weighted as in the original: each distinct VQA answer by
+``count / len(answers)``, each VG answer by 0.5 (any other dataset like VQA). Questions pass
+through :func:`albef_pl.text.pre_question` (30 words for training, 50 for evaluation).
+
+Training batches hold ``image`` (B, 3, S, S), the questions' ``input_ids`` and
+``attention_mask`` (B, Lq), the answers of all questions flattened: ``answer_ids`` and
+``answer_mask`` (N, La) as ``[CLS] answer [SEP] [PAD]..``, ``answer_weights`` (N,) and
+``answer_counts`` (B,) (answers per question, in order). Evaluation batches hold ``image``,
+``input_ids``, ``attention_mask``, ``question_id`` (list, as in the file) and ``answers``
+(list of B lists of human answers, empty when unknown). Both hold ``num_skipped``: samples
+whose image failed to decode are dropped from their batch and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from albef_pl.text import CaptionTokenizer, pre_question
+from albef_pl.transforms import eval_transform, finetune_transform
+from data_modules.ve import UnpaddedDistributedSampler
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["VQADataModule", "VQADataset", "VQAQuestion", "answer_weights", "read_vqa_json"]
+
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_NAMED_MISSING = 10
+SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
+#: Weight of each Visual Genome answer (one per question), as in the original.
+VG_WEIGHT = 0.5
+
+
+@dataclass
+class VQAQuestion:
+    """One question.
+
+    Attributes:
+        question_id: as in the file (an int for VQA v2).
+        question: the raw question.
+        image: image path (its root joined).
+        dataset: ``vqa``, ``vg`` or another source name.
+        answers: the human answers (empty when unknown).
+    """
+
+    question_id: Any
+    question: str
+    image: str
+    dataset: str
+    answers: list[str] = field(default_factory=list)
+
+
+def answer_weights(answers: Sequence[str], dataset: str) -> tuple[list[str], list[float]]:
+    """Distinct answers and their training weights.
+
+    VQA (and any dataset but ``vg``): ``count / len(answers)`` (ten annotators give
+    multiples of 0.1); VG: 0.5 each.
+    """
+    counts = Counter(answers)
+    distinct = list(counts)
+    if dataset == "vg":
+        return distinct, [VG_WEIGHT] * len(distinct)
+    return distinct, [counts[a] / len(answers) for a in distinct]
+
+
+def read_vqa_json(
+    path: str | Path, vqa_root: str = "", vg_root: str | None = None,
+    require_answer: bool = True,
+) -> list[VQAQuestion]:
+    """Read one ALBEF-style VQA json file.
+
+    Raises:
+        ValueError: the file is not a list, or an entry lacks ``question`` or ``image``, or
+            has answers that are not strings (or none where required); the message names
+            the file and the entry.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a json list of {{question_id, question, image, "
+                         f"dataset, answer}} entries, found {type(data).__name__}")
+    vg_root = vqa_root if vg_root is None else vg_root
+    out = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("question"), str) \
+                or not isinstance(entry.get("image"), str):
+            raise ValueError(f"{where} ({str(entry)[:120]}) lacks a 'question' or 'image' string")
+        answers = entry.get("answer", [])
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where} (question {entry['question']!r}): 'answer' must be a "
+                             f"string or a list of strings, got {answers!r}"[:300])
+        if require_answer and not answers:
+            raise ValueError(f"{where} (question {entry['question']!r}) has no answer")
+        dataset = str(entry.get("dataset", "vqa"))
+        root = vg_root if dataset == "vg" else vqa_root
+        out.append(VQAQuestion(entry.get("question_id", i), entry["question"],
+                               os.path.join(root, entry["image"]), dataset, answers))
+    return out
+
+
+class VQADataset(Dataset):
+    """Questions with their image; an unreadable image yields ``None`` (see the collates).
+
+    Args:
+        questions: the entries.
+        transform: PIL image (not yet decoded) -> tensor.
+        max_words: words kept by :func:`pre_question` (30 train, 50 test in the original).
+    """
+
+    def __init__(self, questions: Sequence[VQAQuestion], transform, max_words: int) -> None:
+        self.questions = list(questions)
+        self.transform = transform
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        q = self.questions[i]
+        try:
+            with Image.open(q.image) as img:
+                image = self.transform(img)
+        except _IMAGE_ERRORS as err:
+            _logger.warning("skipped unreadable image %s (%s: %s)", q.image,
+                            type(err).__name__, err)
+            return None
+        return {"image": image, "text": pre_question(q.question, self.max_words), "entry": q}
+
+
+class VQATrainCollate:
+    """Questions, flattened weighted answers (``answer[SEP]``) and per-question counts."""
+
+    def __init__(self, questions: CaptionTokenizer, answers: CaptionTokenizer) -> None:
+        self.questions = questions
+        self.answers = answers
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [x for x in items if x is not None]
+        if not good:
+            return {"num_skipped": len(items)}
+        texts, weights, counts = [], [], []
+        for x in good:
+            distinct, w = answer_weights(x["entry"].answers, x["entry"].dataset)
+            texts += distinct
+            weights += w
+            counts.append(len(distinct))
+        q = self.questions([x["text"] for x in good])
+        a = self.answers(texts)
+        return {
+            "image": torch.stack([x["image"] for x in good]),
+            "input_ids": q["input_ids"],
+            "attention_mask": q["attention_mask"],
+            "answer_ids": a["input_ids"],
+            "answer_mask": a["attention_mask"],
+            "answer_weights": torch.tensor(weights, dtype=torch.float32),
+            "answer_counts": torch.tensor(counts, dtype=torch.long),
+            "num_skipped": len(items) - len(good),
+        }
+
+
+class VQAEvalCollate:
+    """Questions with their ids and human answers (for the accuracy and the result file)."""
+
+    def __init__(self, questions: CaptionTokenizer) -> None:
+        self.questions = questions
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [x for x in items if x is not None]
+        if not good:
+            return {"num_skipped": len(items)}
+        q = self.questions([x["text"] for x in good])
+        return {
+            "image": torch.stack([x["image"] for x in good]),
+            "input_ids": q["input_ids"],
+            "attention_mask": q["attention_mask"],
+            "question_id": [x["entry"].question_id for x in good],
+            "answers": [list(x["entry"].answers) for x in good],
+            "num_skipped": len(items) - len(good),
+        }
+
+
+class VQADataModule(L.LightningDataModule):
+    """VQA v2 (+ Visual Genome QA) data for fine-tuning and evaluation.
+
+    Args:
+        vqa_root: folder the image paths of ``vqa`` entries (and of any dataset but ``vg``)
+            are relative to (COCO images).
+        vg_root: folder of the ``vg`` entries' images; default ``vqa_root``.
+        train_files: training json files (the original: vqa_train, vqa_val, vg_qa).
+        val_file: json file(s) evaluated after every epoch (the original has none).
+        test_file: json file(s) for ``test`` (``vqa_test.json``).
+        predict_file: json file(s) for ``predict``; default ``test_file``.
+        answer_list: ``answer_list.json`` (a json list of candidate strings); without it the
+            distinct answers of the training files (else of the evaluation files) are the
+            candidates, most frequent first.
+        image_size: side length of the model's input (384 in the paper).
+        batch_size: training questions per process (32 in the paper).
+        eval_batch_size: evaluation questions per process (16 in the paper).
+        num_workers: data-loader workers per process.
+        tokenizer: tokenizer directory or hub name; ``None`` = the offline MiniLM vocabulary.
+        max_length: question token cap, [CLS] included (the original does not truncate; 50
+            words fit).
+        answer_max_length: answer token cap, [CLS] and [SEP] included.
+        max_words: question words kept for training (30); evaluation keeps ``eval_max_words``.
+        eval_max_words: question words kept for evaluation (50).
+        check_images: drop entries whose image file does not exist at setup, naming them.
+        pin_memory: pin host memory in the loaders.
+        drop_last: drop the last incomplete training batch (as the original).
+    """
+
+    def __init__(
+        self,
+        vqa_root: str,
+        vg_root: str | None = None,
+        train_files: str | list[str] | None = None,
+        val_file: str | list[str] | None = None,
+        test_file: str | list[str] | None = None,
+        predict_file: str | list[str] | None = None,
+        answer_list: str | None = None,
+        image_size: int = 384,
+        batch_size: int = 32,
+        eval_batch_size: int = 16,
+        num_workers: int = 4,
+        tokenizer: str | None = None,
+        max_length: int = 80,
+        answer_max_length: int = 32,
+        max_words: int = 30,
+        eval_max_words: int = 50,
+        check_images: bool = True,
+        pin_memory: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, VQADataset] = {}
+        self._skipped: dict[str, dict[str, int]] = {}
+        self._candidates: dict[str, Any] | None = None
+
+    # ---- reading
+    @staticmethod
+    def _files(value: str | list[str] | None) -> list[str]:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+    def _split_files(self, split: str) -> list[str]:
+        h = self.hparams
+        if split == "predict":
+            return self._files(h.predict_file or h.test_file)
+        if split == "train":
+            return self._files(h.train_files)
+        return self._files(getattr(h, f"{split}_file"))
+
+    def _read(self, split: str, files: list[str]) -> list[VQAQuestion]:
+        h = self.hparams
+        out: list[VQAQuestion] = []
+        for f in files:
+            out += read_vqa_json(f, h.vqa_root, h.vg_root, require_answer=split == "train")
+        return out
+
+    def _count(self, split: str, reason: str, n: int) -> None:
+        counts = self._skipped.setdefault(split, dict.fromkeys(SKIP_REASONS, 0))
+        counts[reason] += n
+
+    def skipped_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples skipped so far in this process, by reason (``missing_image`` at setup,
+        ``corrupt_image`` when decoding); works with :class:`data_modules.SkippedSamplesLogger`."""
+        return dict(self._skipped.get(split, dict.fromkeys(SKIP_REASONS, 0)))
+
+    def _drop_missing(self, questions: list[VQAQuestion], split: str) -> list[VQAQuestion]:
+        exists = {p: os.path.isfile(p) for p in {q.image for q in questions}}
+        missing = [q for q in questions if not exists[q.image]]
+        self._count(split, "missing_image", len(missing))
+        if missing:
+            names = sorted({q.image for q in missing})
+            _logger.warning(
+                "%s: %d of %d questions skipped, their images (%d) not found, e.g. %s", split,
+                len(missing), len(questions), len(names), ", ".join(names[:_NAMED_MISSING]),
+            )
+        return [q for q in questions if exists[q.image]]
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
+                  "predict": ["predict"]}
+        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
+            if split in self.datasets:
+                continue
+            files = self._split_files(split)
+            if not files:
+                continue
+            questions = self._read(split, files)
+            if h.check_images:
+                questions = self._drop_missing(questions, split)
+            if not questions:
+                raise ValueError(f"{split}: no question of {', '.join(files)} has its image "
+                                 f"under data.vqa_root={h.vqa_root!r} / vg_root={h.vg_root!r}")
+            train = split == "train"
+            transform = finetune_transform(h.image_size) if train else eval_transform(h.image_size)
+            self.datasets[split] = VQADataset(
+                questions, transform, h.max_words if train else h.eval_max_words
+            )
+            sources = Counter(q.dataset for q in questions)
+            _logger.info("%s: %d questions on %d images (%s)", split, len(questions),
+                         len({q.image for q in questions}), dict(sources))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or "num_skipped" not in batch or trainer.sanity_checking:
+            return batch
+        split = ("train" if trainer.training else "val" if trainer.validating
+                 else "test" if trainer.testing else "predict")
+        self._count(split, "corrupt_image", int(batch["num_skipped"]))
+        return batch
+
+    # ---- candidate answers
+    def candidate_answers(self) -> list[str]:
+        """The answers ranked at evaluation: ``answer_list`` or those of the data files."""
+        h = self.hparams
+        if h.answer_list:
+            with open(h.answer_list) as f:
+                answers = json.load(f)
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"{h.answer_list}: expected a json list of answer strings")
+            return answers
+        for split in ("train", "val", "test", "predict"):
+            files = self._split_files(split)
+            counts = Counter(a for q in self._read("eval", files) for a in q.answers)
+            if counts:
+                # Most frequent first, ties alphabetically: the same list on every process.
+                return sorted(counts, key=lambda a: (-counts[a], a))
+        raise ValueError("no candidate answers: set data.answer_list (answer_list.json) or "
+                         "give files with answers")
+
+    def answer_candidates(self) -> dict[str, Any]:
+        """``answers`` (list of N strings) with their ``input_ids`` and ``attention_mask``
+        (N, La) as ``[CLS] answer [SEP] [PAD]..``, for :meth:`VQATask.rank_answer`."""
+        if self._candidates is None:
+            answers = self.candidate_answers()
+            tokens = self._answer_tokenizer()(answers)
+            self._candidates = {"answers": answers, **tokens}
+            _logger.info("%d candidate answers", len(answers))
+        return self._candidates
+
+    # ---- loaders
+    def _question_tokenizer(self) -> CaptionTokenizer:
+        h = self.hparams
+        return CaptionTokenizer(h.tokenizer, h.max_length)
+
+    def _answer_tokenizer(self) -> CaptionTokenizer:
+        # The original appends eos='[SEP]' to every answer string.
+        h = self.hparams
+        return CaptionTokenizer(h.tokenizer, h.answer_max_length, append_sep=True)
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            raise ValueError("data.train_files is required to fit")
+        h = self.hparams
+        return DataLoader(
+            self.datasets["train"], batch_size=h.batch_size, shuffle=True,
+            num_workers=h.num_workers,
+            collate_fn=VQATrainCollate(self._question_tokenizer(), self._answer_tokenizer()),
+            pin_memory=h.pin_memory, drop_last=h.drop_last,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        if split not in self.datasets:
+            return []
+        h = self.hparams
+        dataset = self.datasets[split]
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, self.trainer.world_size,
+                                                 self.trainer.global_rank)
+        batches = math.ceil(len(dataset) / h.eval_batch_size)
+        return DataLoader(
+            dataset, batch_size=h.eval_batch_size, shuffle=False, sampler=sampler,
+            num_workers=min(h.num_workers, batches),
+            collate_fn=VQAEvalCollate(self._question_tokenizer()), pin_memory=h.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
