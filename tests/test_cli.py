@@ -181,3 +181,21 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_refused_with_a_reason(tmp_path, c
     err = _cli_error(["validate", "--config", str(ROOT / "conf/demo.yaml"),
                       "--ckpt_path", str(tmp_path / "missing.ckpt")], capsys)
     assert "no such file" in err
+
+
+def test_checkpoint_of_another_task_directory_and_missing_init_weights(tmp_path, capsys):
+    retrieval = str(ROOT / "conf/finetune/retrieval_coco_sample.yaml")
+    pretrain_ckpt = tmp_path / "pretrain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "albef_pl.tasks.PretrainTask"}},
+               pretrain_ckpt)
+    err = _cli_error(["validate", "--config", retrieval, "--ckpt_path", str(pretrain_ckpt)], capsys)
+    assert "a albef_pl.tasks.PretrainTask checkpoint" in err
+    assert f"--model.init_checkpoint {pretrain_ckpt}" in err
+
+    err = _cli_error(["validate", "--config", retrieval, "--ckpt_path", str(tmp_path)], capsys)
+    assert "is a directory" in err
+
+    err = _cli_error(["fit", "--config", retrieval,
+                      "--model.init_args.init_checkpoint", str(tmp_path / "none.ckpt")], capsys)
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: model.init_checkpoint: no file at {tmp_path / 'none.ckpt'}")

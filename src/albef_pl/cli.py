@@ -20,7 +20,28 @@ class ALBEFCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self.check_init_checkpoint()
         self.check_data_first()
+
+    def check_init_checkpoint(self) -> None:
+        """A missing ``model.init_checkpoint`` in one line (a common first mistake: fine-tuning
+        before pre-training), instead of jsonargparse's report on every union member."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model = cfg.get("model")
+        args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        path = args.get("init_checkpoint") if args is not None and hasattr(args, "get") else None
+        ckpt = cfg.get("ckpt_path")
+        if path and ckpt and Path(str(ckpt)).is_file():
+            # --ckpt_path restores every weight: the starting weights would only be loaded
+            # and overwritten (and need not exist any more).
+            args["init_checkpoint"] = None
+            return
+        if path and not Path(path).is_file():
+            self.parser.error(
+                f"model.init_checkpoint: no file at {path}. Train or convert one first (e.g. "
+                "`make pretrain-sample` for the COCO-sample recipes, or `albef-pl-convert "
+                "ALBEF.pth ...`), or set --model.init_checkpoint null."
+            )
 
     def check_data_first(self) -> None:
         """Build the project's data module once before anything else.
@@ -57,19 +78,32 @@ class ALBEFCLI(LightningCLI):
             value = self.config[subcommand].get("ckpt_path")
             if value is not None and value not in ("last", "best", "hpc", "registry"):
                 try:
-                    check_lightning_checkpoint(value)
+                    state = check_lightning_checkpoint(value)
+                    check_same_task(value, state, self.config[subcommand].get("model"))
                 except (OSError, ValueError) as err:
                     parser.error(str(err))  # usage line, the message, exit status 2
 
+    def instantiate_classes(self) -> None:
+        # Our constructors check their options and files and raise FileNotFoundError or
+        # ValueError naming the option; show those as one line, not a traceback.
+        try:
+            super().instantiate_classes()
+        except (FileNotFoundError, ValueError) as err:
+            self.parser.error(str(err))
 
-def check_lightning_checkpoint(path: str) -> None:
-    """Raise ``ValueError`` naming ``path`` unless it is a checkpoint Lightning can resume.
+
+def check_lightning_checkpoint(path: str) -> dict:
+    """Raise ``ValueError`` naming ``path`` unless it is a checkpoint Lightning can resume;
+    return its contents (memory-mapped).
 
     Reads the file lazily (memory-mapped), so a large checkpoint costs little here.
     """
     import torch
 
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--ckpt_path {path}: is a directory; give a .ckpt file in it "
+                         "(e.g. last.ckpt), or `last` to take the run's newest")
     if not file.is_file():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
     if not zipfile.is_zipfile(file):
@@ -88,6 +122,24 @@ def check_lightning_checkpoint(path: str) -> None:
                 "Give a .ckpt written by a run of this project.")
         raise ValueError(f"--ckpt_path {path}: not a Lightning checkpoint (no 'state_dict'; "
                          f"found {keys}). {hint}")
+    return state
+
+
+def check_same_task(path: str, state: dict, model_config) -> None:
+    """Refuse a checkpoint of one task given to a config of another.
+
+    LightningCLI would take the checkpoint's class over the config's and then fail on the
+    first batch of the other task's data. Starting a task from another one's weights is what
+    ``--model.init_checkpoint`` is for.
+    """
+    saved = (state.get("hyper_parameters") or {}).get("_class_path")
+    wanted = model_config.get("class_path") if model_config is not None else None
+    if saved and wanted and saved.rsplit(".", 1)[-1] != str(wanted).rsplit(".", 1)[-1]:
+        raise ValueError(
+            f"--ckpt_path {path}: a {saved} checkpoint, but the config trains {wanted}. "
+            "--ckpt_path resumes or evaluates the same task; to start this task from those "
+            f"weights use --model.init_checkpoint {path}."
+        )
 
 
 def run_cli(args: list[str] | None = None) -> ALBEFCLI:
