@@ -51,10 +51,12 @@ def _as_sources(spec: str | list[str] | None) -> list[list[str]]:
     sources = [expand_shards(s) for s in specs]
     for spec, shards in zip(specs, sources, strict=True):
         missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
-        if not shards or missing:
-            example = f", e.g. {missing[0]}" if missing else ""
+        if not shards:
+            raise FileNotFoundError(f"shards {spec!r}: no .tar files found there")
+        if missing:
             raise FileNotFoundError(
-                f"shards {spec!r}: {len(missing)} of {len(shards)} local files missing{example}"
+                f"shards {spec!r}: {len(missing)} of {len(shards)} local files missing, "
+                f"e.g. {missing[0]}"
             )
     return sources
 
@@ -135,7 +137,9 @@ class PretrainDataModule(L.LightningDataModule):
             except (FileNotFoundError, ValueError) as err:
                 raise FileNotFoundError(
                     f"data.{name}: {err}. Give a directory of .tar shards, a brace pattern "
-                    "or a URL (`make shards-demo` / `albef-pl-shards` write shards)."
+                    "or a URL. `albef-pl-shards` writes shards; for the shipped configs, "
+                    "`make shards-demo` (conf/demo.yaml) or `make shards-sample` "
+                    "(conf/pretrain_coco_sample.yaml)."
                 ) from err
         try:
             self.tokenizer.tokenizer

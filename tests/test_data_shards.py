@@ -416,6 +416,9 @@ def test_missing_local_shards_fail_with_a_clear_message(tmp_path: Path) -> None:
         make_dm(train_shards=str(tmp_path / "shard-{000000..000001}.tar"))
     with pytest.raises(FileNotFoundError, match="data.val_shards: .*1 of 1 local files missing"):
         make_dm(val_shards=str(tmp_path / "no_such_dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty'?: no .tar files found there"):
+        make_dm(train_shards=str(tmp_path / "empty"))
     # and again when the loader is made (shards removed after the module was built)
     dm = make_dm(train_shards=str(tmp_path / "shard-000000.tar"))
     (tmp_path / "shard-000000.tar").unlink()
