@@ -50,7 +50,7 @@ def test_summary_line_names_chance_levels(tmp_path, monkeypatch, caplog):
     plotter = RetrievalExamplesPlotter(num_images=2, top_k=1)
     plotter._batch = {"image": torch.zeros(32, 3, 8, 8)}
     monkeypatch.setattr(plotter, "plot", lambda *a, **k: (tmp_path / "x.png", 1))
-    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, log_dir=str(tmp_path),
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), sanity_checking=False, is_global_zero=True, log_dir=str(tmp_path),
                               default_root_dir=str(tmp_path), current_epoch=2, datamodule=None,
                               callback_metrics={"val/itc_acc_i2t": torch.tensor(0.5),
                                                 "val/itm_acc": torch.tensor(0.75)})
@@ -58,4 +58,22 @@ def test_summary_line_names_chance_levels(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="albef_pl.plots"):
         plotter.on_validation_end(trainer, None)
     line = caplog.messages[-1]
+    assert line.startswith("epoch 2 validation:")
     assert "top-1 50.0% (chance 3.1%)" in line and "ITM balanced accuracy 75.0% (chance 50%)" in line
+
+
+def test_progress_lines_when_not_on_a_terminal(monkeypatch, caplog):
+    from albef_pl.plots import LossCurvePlotter
+
+    plotter = LossCurvePlotter(text_progress_every=5)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    trainer = SimpleNamespace(global_step=10, current_epoch=1, is_global_zero=True,
+                              estimated_stepping_batches=40,
+                              callback_metrics={"train/loss_itc_step": torch.tensor(2.5),
+                                                "train/loss": torch.tensor(4.0)})
+    with caplog.at_level(logging.INFO, logger="albef_pl.plots"):
+        plotter.on_train_batch_end(trainer, None, None, None, 0)
+        trainer.global_step = 11  # not a multiple of 5: no line
+        plotter.on_train_batch_end(trainer, None, None, None, 1)
+    assert caplog.messages == ["step 10/40 (epoch 1): loss_itc 2.500  loss 4.000"]
+    assert plotter.history["train/loss_itc"] == [(10, 2.5), (11, 2.5)]

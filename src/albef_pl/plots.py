@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +18,43 @@ _logger = logging.getLogger(__name__)
 class LossCurvePlotter(Callback):
     """Collects ``train/loss*`` step values and writes ``loss_curves.png`` after every epoch.
 
+    When the output is not a terminal (a batch job writing to a file, where progress bars
+    stay silent), it also logs a line with the step and these losses every
+    ``text_progress_every`` optimizer steps.
+
     Args:
         keys: metric names to plot (``<key>_step`` values are read when Lightning adds them).
         filename: file written into the run's log directory (or ``default_root_dir``).
+        text_progress_every: steps between progress lines when not on a terminal; 0: never.
     """
 
     def __init__(
         self,
         keys: tuple[str, ...] = ("train/loss_itc", "train/loss_itm", "train/loss_mlm", "train/loss"),
         filename: str = "loss_curves.png",
+        text_progress_every: int = 25,
     ) -> None:
         self.keys = tuple(keys)
         self.filename = filename
+        self.text_progress_every = text_progress_every
         self.history: dict[str, list[tuple[int, float]]] = {k: [] for k in self.keys}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
+        latest = {}
         for key in self.keys:
             value = metrics.get(f"{key}_step", metrics.get(key))
             if value is not None:
                 self.history[key].append((trainer.global_step, float(value)))
+                latest[key.split("/")[-1]] = float(value)
+        every = self.text_progress_every
+        step = trainer.global_step
+        if (every and latest and step % every == 0 and trainer.is_global_zero
+                and not sys.stderr.isatty()):
+            total = trainer.estimated_stepping_batches
+            losses = "  ".join(f"{k} {v:.3f}" for k, v in latest.items())
+            _logger.info("step %d/%s (epoch %d): %s", step,
+                         int(total) if math.isfinite(total) else "?", trainer.current_epoch, losses)
 
     def output_path(self, trainer: L.Trainer) -> Path:
         root = trainer.log_dir or trainer.default_root_dir
@@ -122,7 +141,8 @@ class RetrievalExamplesPlotter(Callback):
                             Path(trainer.log_dir or trainer.default_root_dir) / self.filename,
                             trainer.current_epoch)
         metrics = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch} validation:"]
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        parts = [f"epoch {trainer.current_epoch} validation:" if fitting else "validation:"]
         if "val/itc_acc_i2t" in metrics:
             parts.append(f"in-batch image->text top-1 {100 * float(metrics['val/itc_acc_i2t']):.1f}% "
                          f"(chance {100 / batch_size:.1f}%);")
