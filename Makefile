@@ -33,8 +33,9 @@ $(DATA)/demo/shards/sizes.json: | install
 shards-demo: $(DATA)/demo/shards/sizes.json
 
 demo: install shards-demo
-	$(CLI) fit --config conf/demo.yaml
-	@echo "Checkpoints: runs/demo/checkpoints   Logs: runs/demo (CSV + TensorBoard)"
+	$(CLI) fit --config conf/demo.yaml $(ARGS)
+	@echo "Checkpoints: runs/demo/checkpoints (last.ckpt)"
+	@echo "Logs and pictures: $$(ls -d runs/demo/csv/version_* | sort -V | tail -1)/ (metrics.csv, loss_curves.png, retrieval_examples.png); TensorBoard: runs/demo/tensorboard"
 
 # ---- real data
 $(DATA)/coco_sample/shards/sizes.json: | install
@@ -47,7 +48,7 @@ $(DATA)/coco_sample/shards/sizes.json: | install
 shards-sample: $(DATA)/coco_sample/shards/sizes.json
 
 pretrain-sample: install shards-sample
-	$(CLI) fit --config conf/pretrain_coco_sample.yaml
+	$(CLI) fit --config conf/pretrain_coco_sample.yaml $(ARGS)
 
 pretrain: install
 	$(CLI) fit --config conf/pretrain.yaml $(ARGS)
