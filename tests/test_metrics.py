@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,3 +113,26 @@ def test_rows_without_targets_never_hit_and_bad_targets_raise():
         ground_truth_ranks(scores, [[2], [0]])
     with pytest.raises(ValueError, match="expected"):
         retrieval_recall(scores, torch.zeros(3, 2), [[0], [1]], [0, 1])
+
+
+def test_chance_recall_by_hand_and_against_random_scores():
+    from albef_pl.metrics import chance_recall
+
+    # 30 images with 5 captions each (the COCO sample's test split): R@1 chance is 1/30 both ways
+    img2txt = [list(range(5 * i, 5 * i + 5)) for i in range(30)]
+    chance = chance_recall(img2txt, 150)
+    assert chance["img_r1"] == pytest.approx(100 / 30)
+    assert chance["txt_r1"] == pytest.approx(100 * 5 / 150)
+    assert chance["txt_r5"] == pytest.approx(100 * (1 - math.comb(145, 5) / math.comb(150, 5)))
+    assert chance["img_r10"] == pytest.approx(100 * 10 / 30)
+
+    # uneven caption counts: the mean of random-score recalls approaches the formula
+    img2txt = [[0], [1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    txt2img = [i for i, caps in enumerate(img2txt) for _ in caps]
+    g = torch.Generator().manual_seed(0)
+    runs = [retrieval_recall(torch.rand(5, 11, generator=g), torch.rand(11, 5, generator=g),
+                             img2txt, txt2img, ks=(1, 2)) for _ in range(3000)]
+    expected = chance_recall(img2txt, 11, ks=(1, 2))
+    for key in ("txt_r1", "txt_r2", "img_r1", "img_r2", "r_mean"):
+        mean = sum(r[key] for r in runs) / len(runs)
+        assert mean == pytest.approx(expected[key], abs=1.5), key

@@ -15,6 +15,8 @@ candidates and negative ITM logits.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -107,6 +109,30 @@ def retrieval_recall(
     for prefix, ranks in (("txt", i2t_ranks), ("img", t2i_ranks)):
         for k in ks:
             out[f"{prefix}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
+        out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def chance_recall(
+    img2txt: Sequence[Sequence[int]], num_texts: int, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """What :func:`retrieval_recall` gives in expectation for random scores, in percent.
+
+    Text retrieval: an image with ``c`` of the ``T`` captions is a hit at K unless all K
+    top-ranked captions are others, ``1 - C(T - c, K) / C(T, K)``; image retrieval: ``K / N``.
+    """
+    n_i = len(img2txt)
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = []
+        for captions in img2txt:
+            c = len(captions)
+            k_t = min(k, num_texts)
+            hits.append(1.0 - (math.comb(num_texts - c, k_t) / math.comb(num_texts, k_t)))
+        out[f"txt_r{k}"] = 100.0 * sum(hits) / max(1, n_i)
+        out[f"img_r{k}"] = 100.0 * min(k, n_i) / max(1, n_i)
+    for prefix in ("txt", "img"):
         out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out

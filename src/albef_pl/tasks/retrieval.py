@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from albef_pl.metrics import retrieval_recall
+from albef_pl.metrics import chance_recall, retrieval_recall
 from albef_pl.momentum import concat_all_gather
 from albef_pl.rerank import RetrievalScores, two_stage_scores
 from albef_pl.tasks.base import ALBEFTask
@@ -248,7 +248,10 @@ class RetrievalTask(ALBEFTask):
         logged[f"{stage}/eval_seconds"] = time.perf_counter() - started
         self.log_dict(logged, sync_dist=True)
         self.log(f"{stage}/r_mean", metrics["r_mean"], prog_bar=True, sync_dist=True)
-        _logger.info("%s: %s", stage, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        chance = chance_recall(data.img2txt, len(data.text_ids))
+        _logger.info("%s: %s (chance: txt_r1 %.2f, img_r1 %.2f, r_mean %.2f)", stage,
+                     ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+                     chance["txt_r1"], chance["img_r1"], chance["r_mean"])
 
     def rank(self, data: _EvalSet) -> RetrievalScores:
         """Score matrices of the gathered set (two-stage, or ITC alone without ``rerank``)."""
