@@ -437,5 +437,8 @@ def save_top_images_grid(path: Path, captions: list[dict], rows: list[int], top:
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(3)
             ax.set_title(f"{hit['score']:.3f}", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(f"each caption's top {top} images, best first; green frame: the caption's "
+                 "own image; number: ITM match logit (ITC similarity where not re-ranked; "
+                 "-100: outside the ITC shortlist)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
