@@ -613,3 +613,25 @@ def test_cli_fit_validate_and_predict_on_the_sample(tmp_path, monkeypatch):
     # The accuracy of the written answers is the logged one.
     acc = sum(vqa_accuracy(r["answer"], e["answer"]) for r, e in zip(rows, raw)) / len(raw)
     assert acc == pytest.approx(metrics["val/vqa_acc"], abs=1e-6)
+
+    # Output and evaluation options of the command line win over the checkpoint's (LightningCLI
+    # put back the saved result_dir and k_test: answers went over the training run's file).
+    other = tmp_path / "other"
+    pred = run_cli(["predict", *base, "--ckpt_path", str(ckpt), "--model.result_dir",
+                    str(other), "--model.k_test", "1"])
+    assert pred.model.hparams.k_test == 1 and pred.model.hparams.result_dir == str(other)
+    assert len(json.loads((other / "vqa_result.json").read_text())) == len(raw)
+
+
+@requires_shared
+def test_cli_constructor_error_is_one_line(tmp_path, monkeypatch, capsys):
+    from albef_pl.cli import run_cli
+
+    monkeypatch.chdir(ROOT)
+    base = ["--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path))]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", *base, "--model.k_test", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: model.decoder_layers and model.k_test must be >= 1, got 2 and 0" in err
+    assert "Union subtypes" not in err and "Given value" not in err  # no namespace dump
