@@ -374,3 +374,16 @@ def test_cli_fit_validate_and_predict_on_the_sample(tmp_path, monkeypatch):
     assert rows[0]["label"] == "contradiction" and rows[0]["prediction"] in LABELS
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert out["accuracy"] == pytest.approx(metrics["val/acc"])
+
+
+@requires_shared
+def test_cli_predict_without_any_checkpoint_warns_of_untrained_weights(
+    tmp_path, monkeypatch, caplog
+):
+    from albef_pl.cli import run_cli
+
+    monkeypatch.chdir(ROOT)
+    base = ["--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path))]
+    run_cli(["predict", *base, "--trainer.limit_predict_batches", "1"])
+    assert "predict without --ckpt_path or model.init_checkpoint" in caplog.text
+    assert (tmp_path / "predictions" / "ve_predictions.json").is_file()  # still written

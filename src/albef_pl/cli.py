@@ -55,7 +55,23 @@ class ALBEFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.check_init_checkpoint()
+        self.check_untrained_evaluation()
         self.check_data_first()
+
+    def check_untrained_evaluation(self) -> None:
+        """Warn when validate/test/predict would evaluate weights that were never trained
+        (neither --ckpt_path nor model.init_checkpoint): a forgotten --ckpt_path otherwise
+        writes predictions of a random model without a word."""
+        if self.subcommand not in ("validate", "test", "predict"):
+            return
+        cfg = self.config[self.subcommand]
+        args = _model_args(cfg)
+        if cfg.get("ckpt_path") or (args is not None and args.get("init_checkpoint")):
+            return
+        logging.getLogger(__name__).warning(
+            "%s without --ckpt_path or model.init_checkpoint: the model's weights are its "
+            "initial ones (untrained heads). Give --ckpt_path <run>/checkpoints/last.ckpt.",
+            self.subcommand)
 
     def check_init_checkpoint(self) -> None:
         """A missing ``model.init_checkpoint`` in one line (a common first mistake: fine-tuning
