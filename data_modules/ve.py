@@ -38,7 +38,8 @@ from albef_pl.transforms import eval_transform, finetune_transform
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["VEDataModule", "VEDataset", "VEPair", "parse_label", "read_ve_json"]
+__all__ = ["VEDataModule", "VEDataset", "VEPair", "check_files", "load_json", "parse_label",
+           "read_ve_json"]
 
 # Errors that mean "this file is not a usable image"; anything else is a bug and propagates.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -81,6 +82,37 @@ def parse_label(value: Any) -> int:
     raise ValueError(f"label {value!r} is not one of {sorted(LABELS)} or 0, 1, 2")
 
 
+def load_json(path: str | Path) -> Any:
+    """``json.load`` of ``path``; a file that is not json raises ``ValueError`` naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:  # the decoder's message names no file
+            raise ValueError(f"{path}: not valid json ({err})") from None
+
+
+def check_files(**options: str | list[str] | None) -> None:
+    """Raise ``FileNotFoundError`` naming the option of a json file that does not exist
+    (at construction, so that the CLI reports it before the model is built)."""
+    for name, value in options.items():
+        for f in [value] if isinstance(value, str) else list(value or []):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"data.{name}: no file at {f}")
+
+
+def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,
+                        what: str) -> None:
+    """Refuse a training set that yields no batch (Lightning would end ``fit`` at once and
+    report success)."""
+    per_process = math.ceil(n / max(world_size, 1))  # DistributedSampler pads up
+    if drop_last and per_process < batch_size:
+        raise ValueError(
+            f"train: {per_process} {what} per process, fewer than data.batch_size="
+            f"{batch_size} with data.drop_last=true, so not one training batch. Lower "
+            "--data.batch_size or set --data.drop_last false."
+        )
+
+
 def read_ve_json(
     path: str | Path, image_root: str = "", require_label: bool = True, start: int = 0
 ) -> list[VEPair]:
@@ -96,29 +128,33 @@ def read_ve_json(
         ValueError: the file is not such a list, or an entry lacks a field or has a label
             that is not a SNLI-VE label; the message names the file and the entry.
     """
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a json list of {{image, sentence, label}} entries, "
                          f"found {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: an empty list, no {{image, sentence, label}} entry")
     pairs = []
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
-        if not isinstance(entry, dict) or "image" not in entry or "sentence" not in entry:
-            raise ValueError(f"{where} ({str(entry)[:120]}) lacks 'image' or 'sentence'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("sentence"), str):
+            raise ValueError(f"{where} ({str(entry)[:120]}) lacks an 'image' or 'sentence' "
+                             "string")
         if "label" in entry:
             try:
                 label = parse_label(entry["label"])
             except ValueError as err:
                 raise ValueError(f"{where} (image {entry['image']!r}): {err}") from None
         elif require_label:
-            raise ValueError(f"{where} (image {entry['image']!r}) has no 'label'")
+            raise ValueError(f"{where} (image {entry['image']!r}) has no 'label' (fit, "
+                             "validate and test need labels; predict takes unlabelled files)")
         else:
             label = NO_LABEL
-        image = str(entry["image"])
+        image = entry["image"]
         if not os.path.splitext(image)[1]:  # a bare Flickr30K id, as in the original files
             image += ".jpg"
-        pairs.append(VEPair(os.path.join(image_root, image), str(entry["sentence"]), label,
+        pairs.append(VEPair(os.path.join(image_root, image), entry["sentence"], label,
                             start + i))
     return pairs
 
@@ -239,6 +275,8 @@ class VEDataModule(L.LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        check_files(train_file=train_file, val_file=val_file, test_file=test_file,
+                    predict_file=predict_file)
         self.save_hyperparameters()
         self.datasets: dict[str, VEDataset] = {}
         self._skipped: dict[str, dict[str, int]] = {}
@@ -334,6 +372,9 @@ class VEDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise ValueError("data.train_file is required to fit")
         h = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_train_batches(len(self.datasets["train"]), h.batch_size, h.drop_last, world,
+                            "pairs")
         return DataLoader(
             self.datasets["train"], batch_size=h.batch_size, shuffle=True,
             num_workers=h.num_workers, collate_fn=self._collate(), pin_memory=h.pin_memory,

@@ -24,7 +24,6 @@ whose image failed to decode are dropped from their batch and counted.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,7 +40,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef_pl.text import CaptionTokenizer, pre_question
 from albef_pl.transforms import eval_transform, finetune_transform
-from data_modules.ve import UnpaddedDistributedSampler
+from data_modules.ve import (
+    UnpaddedDistributedSampler,
+    check_files,
+    check_train_batches,
+    load_json,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -97,13 +101,15 @@ def read_vqa_json(
             has answers that are not strings (or none where required); the message names
             the file and the entry.
     """
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a json list of {{question_id, question, image, "
                          f"dataset, answer}} entries, found {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: an empty list, no question entry")
     vg_root = vqa_root if vg_root is None else vg_root
     out = []
+    blank = 0
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("question"), str) \
@@ -115,12 +121,19 @@ def read_vqa_json(
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where} (question {entry['question']!r}): 'answer' must be a "
                              f"string or a list of strings, got {answers!r}"[:300])
+        given = len(answers)
+        # An empty answer would be a training target ("[CLS] [SEP]") and a candidate.
+        answers = [a for a in answers if a.strip()]
+        blank += given - len(answers)
         if require_answer and not answers:
-            raise ValueError(f"{where} (question {entry['question']!r}) has no answer")
+            raise ValueError(f"{where} (question {entry['question']!r}) has no answer"
+                             + (f" (only {given} empty strings)" if given else ""))
         dataset = str(entry.get("dataset", "vqa"))
         root = vg_root if dataset == "vg" else vqa_root
         out.append(VQAQuestion(entry.get("question_id", i), entry["question"],
                                os.path.join(root, entry["image"]), dataset, answers))
+    if blank:
+        _logger.warning("%s: %d empty answer strings ignored", path, blank)
     return out
 
 
@@ -257,6 +270,8 @@ class VQADataModule(L.LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        check_files(train_files=train_files, val_file=val_file, test_file=test_file,
+                    predict_file=predict_file, answer_list=answer_list)
         self.save_hyperparameters()
         self.datasets: dict[str, VQADataset] = {}
         self._skipped: dict[str, dict[str, int]] = {}
@@ -329,6 +344,8 @@ class VQADataModule(L.LightningDataModule):
             sources = Counter(q.dataset for q in questions)
             _logger.info("%s: %d questions on %d images (%s)", split, len(questions),
                          len({q.image for q in questions}), dict(sources))
+        if any(split in self.datasets for split in ("val", "test", "predict")):
+            self.answer_candidates()  # a bad answer list fails now, not after an epoch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
@@ -344,11 +361,18 @@ class VQADataModule(L.LightningDataModule):
         """The answers ranked at evaluation: ``answer_list`` or those of the data files."""
         h = self.hparams
         if h.answer_list:
-            with open(h.answer_list) as f:
-                answers = json.load(f)
+            answers = load_json(h.answer_list)
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{h.answer_list}: expected a json list of answer strings")
-            return answers
+                raise ValueError(f"data.answer_list {h.answer_list}: expected a json list of "
+                                 "answer strings")
+            kept = [a for a in answers if a.strip()]
+            if len(kept) < len(answers):
+                _logger.warning("data.answer_list %s: %d empty answer strings ignored",
+                                h.answer_list, len(answers) - len(kept))
+            if not kept:
+                raise ValueError(f"data.answer_list {h.answer_list}: no answer in it")
+            self._check_coverage(kept)
+            return kept
         for split in ("train", "val", "test", "predict"):
             files = self._split_files(split)
             counts = Counter(a for q in self._read("eval", files) for a in q.answers)
@@ -357,6 +381,18 @@ class VQADataModule(L.LightningDataModule):
                 return sorted(counts, key=lambda a: (-counts[a], a))
         raise ValueError("no candidate answers: set data.answer_list (answer_list.json) or "
                          "give files with answers")
+
+    def _check_coverage(self, answers: list[str]) -> None:
+        """Warn when the answer list holds none of the answers of the data set up so far
+        (the list of another data set: every prediction would be wrong)."""
+        known = {a.strip().lower() for a in answers}
+        for split, dataset in self.datasets.items():
+            truth = {a.strip().lower() for q in dataset.questions for a in q.answers}
+            if truth and not truth & known:
+                _logger.warning(
+                    "data.answer_list %s holds none of the %d distinct answers of %s: every "
+                    "answer there will be wrong. Is it the list of this data set?",
+                    self.hparams.answer_list, len(truth), split)
 
     def answer_candidates(self) -> dict[str, Any]:
         """``answers`` (list of N strings) with their ``input_ids`` and ``attention_mask``
@@ -382,6 +418,9 @@ class VQADataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise ValueError("data.train_files is required to fit")
         h = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_train_batches(len(self.datasets["train"]), h.batch_size, h.drop_last, world,
+                            "questions")
         return DataLoader(
             self.datasets["train"], batch_size=h.batch_size, shuffle=True,
             num_workers=h.num_workers,

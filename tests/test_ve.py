@@ -219,6 +219,44 @@ def test_bad_label_names_the_file_and_the_entry(tmp_path):
     assert read_ve_json(path, require_label=False)[0].label == -1  # predict files may lack it
 
 
+def test_broken_json_empty_list_and_non_string_fields_name_the_file(tmp_path):
+    path = tmp_path / "ve.json"
+    for text, message in [("", r"ve\.json: not valid json"),
+                          ('[{"image": ', r"ve\.json: not valid json \(Expecting value"),
+                          ("[]", r"ve\.json: an empty list")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_ve_json(path)
+    # null would have become the hypothesis "None" and the image "None.jpg"
+    for field in ("sentence", "image"):
+        entry = {"image": "1", "sentence": "a", "label": 0, field: None}
+        path = _write(tmp_path, [entry])
+        with pytest.raises(ValueError, match=r"entry 0 .* lacks an 'image' or 'sentence' str"):
+            read_ve_json(path)
+    path = _write(tmp_path, [{"image": "1", "sentence": "a"}])
+    with pytest.raises(ValueError, match="predict takes unlabelled files"):
+        read_ve_json(path)
+
+
+def test_missing_json_file_is_named_by_its_option_at_construction(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.val_file: no file at .*nope\.json"):
+        VEDataModule(str(tmp_path), train_file=None, val_file=str(tmp_path / "nope.json"))
+
+
+def test_batch_larger_than_the_training_set_with_drop_last_is_refused(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "1.jpg")
+    path = _write(tmp_path, [{"image": "1", "sentence": "a", "label": k % 3} for k in range(5)])
+    dm = VEDataModule(str(tmp_path), train_file=str(path), image_size=32, batch_size=8,
+                      num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    # Lightning would stop fit at once with "No training batches" and exit 0.
+    with pytest.raises(ValueError, match=r"train: 5 pairs per process, fewer than "
+                                         r"data\.batch_size=8 .* --data\.drop_last false"):
+        dm.train_dataloader()
+    dm.hparams.drop_last = False
+    assert len(dm.train_dataloader()) == 1
+
+
 def test_evaluation_sampler_gives_every_pair_to_exactly_one_process():
     data = list(range(7))
     shares = [list(UnpaddedDistributedSampler(data, 3, r)) for r in range(3)]
@@ -336,3 +374,16 @@ def test_cli_fit_validate_and_predict_on_the_sample(tmp_path, monkeypatch):
     assert rows[0]["label"] == "contradiction" and rows[0]["prediction"] in LABELS
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert out["accuracy"] == pytest.approx(metrics["val/acc"])
+
+
+@requires_shared
+def test_cli_predict_without_any_checkpoint_warns_of_untrained_weights(
+    tmp_path, monkeypatch, caplog
+):
+    from albef_pl.cli import run_cli
+
+    monkeypatch.chdir(ROOT)
+    base = ["--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path))]
+    run_cli(["predict", *base, "--trainer.limit_predict_batches", "1"])
+    assert "predict without --ckpt_path or model.init_checkpoint" in caplog.text
+    assert (tmp_path / "predictions" / "ve_predictions.json").is_file()  # still written

@@ -421,6 +421,63 @@ def test_bad_entry_names_the_file_and_the_entry(tmp_path):
     assert read_vqa_json(path, require_answer=False)[0].answers == []  # test files lack them
 
 
+def test_empty_answers_are_neither_targets_nor_candidates(tmp_path, caplog):
+    path = _write(tmp_path, [{"question": "a", "image": "1.jpg", "answer": ["x", "", " "]},
+                             {"question": "b", "image": "1.jpg", "answer": ""}])
+    with pytest.raises(ValueError, match=r"entry 1 \(question 'b'\) has no answer \(only 1 "
+                                         r"empty strings\)"):
+        read_vqa_json(path)
+    questions = read_vqa_json(path, require_answer=False)
+    assert [q.answers for q in questions] == [["x"], []]
+    assert "3 empty answer strings ignored" in caplog.text
+
+
+def test_broken_or_empty_json_names_the_file(tmp_path):
+    path = tmp_path / "vqa.json"
+    for text, message in [("", r"vqa\.json: not valid json"),
+                          ("[]", r"vqa\.json: an empty list")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_vqa_json(path)
+
+
+def _answer_list_module(tmp_path: Path, answers) -> VQADataModule:
+    Image.new("RGB", (40, 30)).save(tmp_path / "1.jpg")
+    path = _write(tmp_path, [{"question": "a", "image": "1.jpg", "answer": ["net"]},
+                             {"question": "b", "image": "1.jpg", "answer": "pitcher"}])
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    return VQADataModule(str(tmp_path), train_files=str(path), val_file=str(path),
+                         answer_list=str(tmp_path / "answers.json"), image_size=32,
+                         batch_size=2, num_workers=0, pin_memory=False)
+
+
+def test_bad_answer_list_fails_at_setup_naming_the_option(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match=r"data\.answer_list: no file at .*gone\.json"):
+        VQADataModule(str(tmp_path), answer_list=str(tmp_path / "gone.json"))
+    # An empty list crashed the tokenizer with an IndexError after a training epoch.
+    dm = _answer_list_module(tmp_path, [])
+    with pytest.raises(ValueError, match=r"data\.answer_list .*answers\.json: no answer in it"):
+        dm.setup("fit")
+    dm = _answer_list_module(tmp_path, ["", "net", "pitcher"])
+    dm.setup("fit")
+    assert dm.answer_candidates()["answers"] == ["net", "pitcher"]
+    assert "1 empty answer strings ignored" in caplog.text
+    # The list of another data set: every answer wrong, said once at setup.
+    caplog.clear()
+    dm = _answer_list_module(tmp_path, ["zebra", "giraffe"])
+    dm.setup("fit")
+    assert "holds none of the 2 distinct answers of train" in caplog.text
+
+
+def test_batch_larger_than_the_training_set_with_drop_last_is_refused(tmp_path):
+    dm = _answer_list_module(tmp_path, ["net"])
+    dm.hparams.batch_size = 3
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"train: 2 questions per process, fewer than "
+                                         r"data\.batch_size=3"):
+        dm.train_dataloader()
+
+
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints
 def test_official_vqa_layout_at_full_size():
@@ -556,3 +613,25 @@ def test_cli_fit_validate_and_predict_on_the_sample(tmp_path, monkeypatch):
     # The accuracy of the written answers is the logged one.
     acc = sum(vqa_accuracy(r["answer"], e["answer"]) for r, e in zip(rows, raw)) / len(raw)
     assert acc == pytest.approx(metrics["val/vqa_acc"], abs=1e-6)
+
+    # Output and evaluation options of the command line win over the checkpoint's (LightningCLI
+    # put back the saved result_dir and k_test: answers went over the training run's file).
+    other = tmp_path / "other"
+    pred = run_cli(["predict", *base, "--ckpt_path", str(ckpt), "--model.result_dir",
+                    str(other), "--model.k_test", "1"])
+    assert pred.model.hparams.k_test == 1 and pred.model.hparams.result_dir == str(other)
+    assert len(json.loads((other / "vqa_result.json").read_text())) == len(raw)
+
+
+@requires_shared
+def test_cli_constructor_error_is_one_line(tmp_path, monkeypatch, capsys):
+    from albef_pl.cli import run_cli
+
+    monkeypatch.chdir(ROOT)
+    base = ["--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path))]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", *base, "--model.k_test", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: model.decoder_layers and model.k_test must be >= 1, got 2 and 0" in err
+    assert "Union subtypes" not in err and "Given value" not in err  # no namespace dump

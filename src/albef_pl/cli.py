@@ -15,13 +15,63 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 
+#: Model options of evaluation and output that a ``--ckpt_path`` run takes from the config and
+#: the command line. LightningCLI otherwise replaces every model option with the value saved
+#: in the checkpoint, so ``--model.result_dir`` or ``--model.k_test`` at test time were
+#: silently ignored (and results written over the training run's).
+RUNTIME_MODEL_OPTIONS: tuple[str, ...] = ("result_dir", "predict_dir", "k_test")
+
+
+def _model_args(cfg):
+    model = cfg.get("model") if cfg is not None and hasattr(cfg, "get") else None
+    return model.get("init_args") if model is not None and hasattr(model, "get") else None
+
+
+def _short_union_error(message: str) -> str:
+    """jsonargparse reports a constructor's error inside "Does not validate against any of the
+    Union subtypes", one line per subtype and the whole namespace; keep the constructor's."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("- ") and not line.startswith("- Expected a <class 'NoneType'>"):
+            return line[2:]
+    return message
+
+
 class ALBEFCLI(LightningCLI):
     """LightningCLI with the project's defaults (config saved next to the logs)."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        args = _model_args(self.config[subcommand]) if subcommand else None
+        kept = {k: args[k] for k in RUNTIME_MODEL_OPTIONS if args is not None and k in args}
+        super()._parse_ckpt_path()
+        args = _model_args(self.config[subcommand]) if subcommand else None
+        for key, value in kept.items():
+            if args is not None and key in args:
+                args[key] = value
 
     def before_instantiate_classes(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.check_init_checkpoint()
+        self.check_untrained_evaluation()
         self.check_data_first()
+
+    def check_untrained_evaluation(self) -> None:
+        """Warn when validate/test/predict would evaluate weights that were never trained
+        (neither --ckpt_path nor model.init_checkpoint): a forgotten --ckpt_path otherwise
+        writes predictions of a random model without a word."""
+        if self.subcommand not in ("validate", "test", "predict"):
+            return
+        cfg = self.config[self.subcommand]
+        args = _model_args(cfg)
+        if cfg.get("ckpt_path") or (args is not None and args.get("init_checkpoint")):
+            return
+        logging.getLogger(__name__).warning(
+            "%s without --ckpt_path or model.init_checkpoint: the model's weights are its "
+            "initial ones (untrained heads). Give --ckpt_path <run>/checkpoints/last.ckpt.",
+            self.subcommand)
 
     def check_init_checkpoint(self) -> None:
         """A missing ``model.init_checkpoint`` in one line (a common first mistake: fine-tuning
@@ -89,7 +139,7 @@ class ALBEFCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (FileNotFoundError, ValueError) as err:
-            self.parser.error(str(err))
+            self.parser.error(_short_union_error(str(err)))
 
 
 def check_lightning_checkpoint(path: str) -> dict:
