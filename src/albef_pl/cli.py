@@ -43,6 +43,8 @@ class ALBEFCLI(LightningCLI):
     """LightningCLI with the project's defaults (config saved next to the logs)."""
 
     def _parse_ckpt_path(self) -> None:
+        # NOTE: overrides a private LightningCLI method: it has no public hook between merging
+        # the checkpoint's hyper-parameters into the config and instantiating the classes.
         subcommand = self.config.get("subcommand")
         args = _model_args(self.config[subcommand]) if subcommand else None
         kept = {k: args[k] for k in RUNTIME_MODEL_OPTIONS if args is not None and k in args}
