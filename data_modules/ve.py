@@ -18,6 +18,7 @@ failures holds only that count).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,22 +30,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from albef_pl.tasks.ve import LABELS
 from albef_pl.text import CaptionTokenizer, pre_caption
 from albef_pl.transforms import eval_transform, finetune_transform
+from data_modules.listed import ImageEntryDataset, SkipCounting, as_file_list
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["VEDataModule", "VEDataset", "VEPair", "check_files", "load_json", "parse_label",
            "read_ve_json"]
 
-# Errors that mean "this file is not a usable image"; anything else is a bug and propagates.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_NAMED_MISSING = 10
-SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
 NO_LABEL = -1
 
 
@@ -159,8 +156,10 @@ def read_ve_json(
     return pairs
 
 
-class VEDataset(Dataset):
-    """(image, sentence, label) samples; an unreadable image yields ``None`` (see collate).
+class VEDataset(ImageEntryDataset):
+    """(image, sentence, label) samples: items hold ``image``, ``text`` (the sentence after
+    :func:`pre_caption`) and ``entry`` (the :class:`VEPair`); ``None`` when the image is
+    unreadable (see the collate).
 
     Args:
         pairs: the entries.
@@ -169,24 +168,16 @@ class VEDataset(Dataset):
     """
 
     def __init__(self, pairs: Sequence[VEPair], transform, max_words: int = 30) -> None:
-        self.pairs = list(pairs)
-        self.transform = transform
-        self.max_words = max_words
+        super().__init__(pairs, transform, functools.partial(_sentence, max_words=max_words))
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    @property
+    def pairs(self) -> list[VEPair]:
+        """The entries."""
+        return self.entries
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        pair = self.pairs[i]
-        try:
-            with Image.open(pair.image) as img:
-                image = self.transform(img)
-        except _IMAGE_ERRORS as err:
-            _logger.warning("skipped unreadable image %s (%s: %s)", pair.image,
-                            type(err).__name__, err)
-            return None
-        return {"image": image, "text": pre_caption(pair.sentence, self.max_words),
-                "pair": pair}
+
+def _sentence(pair: VEPair, max_words: int) -> str:
+    return pre_caption(pair.sentence, max_words)
 
 
 class VECollate:
@@ -200,7 +191,7 @@ class VECollate:
         if not good:
             return {"num_skipped": len(items)}
         tokens = self.tokenizer([x["text"] for x in good])
-        pairs = [x["pair"] for x in good]
+        pairs = [x["entry"] for x in good]
         return {
             "image": torch.stack([x["image"] for x in good]),
             "input_ids": tokens["input_ids"],
@@ -230,7 +221,7 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
-class VEDataModule(L.LightningDataModule):
+class VEDataModule(SkipCounting, L.LightningDataModule):
     """SNLI-VE data for fine-tuning and evaluation.
 
     Args:
@@ -254,6 +245,8 @@ class VEDataModule(L.LightningDataModule):
         pin_memory: pin host memory in the loaders.
         drop_last: drop the last incomplete training batch (as the original).
     """
+
+    item_name = "pairs"
 
     def __init__(
         self,
@@ -279,20 +272,13 @@ class VEDataModule(L.LightningDataModule):
                     predict_file=predict_file)
         self.save_hyperparameters()
         self.datasets: dict[str, VEDataset] = {}
-        self._skipped: dict[str, dict[str, int]] = {}
 
     # ---- reading
-    @staticmethod
-    def _files(value: str | list[str] | None) -> list[str]:
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else list(value)
-
     def _split_files(self, split: str) -> list[str]:
         h = self.hparams
         if split == "predict":
-            return self._files(h.predict_file or h.test_file)
-        return self._files(getattr(h, f"{split}_file"))
+            return as_file_list(h.predict_file or h.test_file)
+        return as_file_list(getattr(h, f"{split}_file"))
 
     def _pairs(self, split: str, files: list[str]) -> list[VEPair]:
         h = self.hparams
@@ -303,34 +289,6 @@ class VEDataModule(L.LightningDataModule):
         if h.check_images:
             pairs = self._drop_missing(pairs, split)
         return pairs
-
-    def _count(self, split: str, reason: str, n: int) -> None:
-        counts = self._skipped.setdefault(split, dict.fromkeys(SKIP_REASONS, 0))
-        counts[reason] += n
-
-    def skipped_counts(self, split: str = "train") -> dict[str, int]:
-        """Samples skipped so far in this process, by reason (every reason present).
-
-        ``missing_image``: entries whose file was absent at setup; ``corrupt_image``: images
-        that failed to decode (dropped from their batch). Works with
-        :class:`data_modules.SkippedSamplesLogger`.
-        """
-        return dict(self._skipped.get(split, dict.fromkeys(SKIP_REASONS, 0)))
-
-    def _drop_missing(self, pairs: list[VEPair], split: str) -> list[VEPair]:
-        exists: dict[str, bool] = {}
-        for p in pairs:
-            if p.image not in exists:
-                exists[p.image] = os.path.isfile(p.image)
-        missing = [p for p in pairs if not exists[p.image]]
-        self._count(split, "missing_image", len(missing))
-        if missing:
-            names = sorted({p.image for p in missing})
-            _logger.warning(
-                "%s: %d of %d pairs skipped, their images (%d) not found, e.g. %s", split,
-                len(missing), len(pairs), len(names), ", ".join(names[:_NAMED_MISSING]),
-            )
-        return [p for p in pairs if exists[p.image]]
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -352,16 +310,6 @@ class VEDataModule(L.LightningDataModule):
             counts = [sum(p.label == c for p in pairs) for c in range(len(LABELS))]
             _logger.info("%s: %d pairs of %d images (contradiction/neutral/entailment %s)",
                          split, len(pairs), len({p.image for p in pairs}), counts)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Runs in the main process, so counts made in the workers arrive here with the batch.
-        trainer = self.trainer
-        if trainer is None or "num_skipped" not in batch or trainer.sanity_checking:
-            return batch
-        split = ("train" if trainer.training else "val" if trainer.validating
-                 else "test" if trainer.testing else "predict")
-        self._count(split, "corrupt_image", int(batch["num_skipped"]))
-        return batch
 
     # ---- loaders
     def _collate(self) -> VECollate:

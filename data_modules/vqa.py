@@ -24,6 +24,7 @@ whose image failed to decode are dropped from their batch and counted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -35,11 +36,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from albef_pl.text import CaptionTokenizer, pre_question
 from albef_pl.transforms import eval_transform, finetune_transform
+from data_modules.listed import ImageEntryDataset, SkipCounting, as_file_list
 from data_modules.ve import (
     UnpaddedDistributedSampler,
     check_files,
@@ -51,9 +52,6 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["VQADataModule", "VQADataset", "VQAQuestion", "answer_weights", "read_vqa_json"]
 
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_NAMED_MISSING = 10
-SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
 #: Weight of each Visual Genome answer (one per question), as in the original.
 VG_WEIGHT = 0.5
 
@@ -137,8 +135,10 @@ def read_vqa_json(
     return out
 
 
-class VQADataset(Dataset):
-    """Questions with their image; an unreadable image yields ``None`` (see the collates).
+class VQADataset(ImageEntryDataset):
+    """Questions with their image: items hold ``image``, ``text`` (the question after
+    :func:`pre_question`) and ``entry`` (the :class:`VQAQuestion`); ``None`` when the image is
+    unreadable (see the collates).
 
     Args:
         questions: the entries.
@@ -147,23 +147,16 @@ class VQADataset(Dataset):
     """
 
     def __init__(self, questions: Sequence[VQAQuestion], transform, max_words: int) -> None:
-        self.questions = list(questions)
-        self.transform = transform
-        self.max_words = max_words
+        super().__init__(questions, transform, functools.partial(_question, max_words=max_words))
 
-    def __len__(self) -> int:
-        return len(self.questions)
+    @property
+    def questions(self) -> list[VQAQuestion]:
+        """The entries."""
+        return self.entries
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        q = self.questions[i]
-        try:
-            with Image.open(q.image) as img:
-                image = self.transform(img)
-        except _IMAGE_ERRORS as err:
-            _logger.warning("skipped unreadable image %s (%s: %s)", q.image,
-                            type(err).__name__, err)
-            return None
-        return {"image": image, "text": pre_question(q.question, self.max_words), "entry": q}
+
+def _question(entry: VQAQuestion, max_words: int) -> str:
+    return pre_question(entry.question, max_words)
 
 
 class VQATrainCollate:
@@ -218,7 +211,7 @@ class VQAEvalCollate:
         }
 
 
-class VQADataModule(L.LightningDataModule):
+class VQADataModule(SkipCounting, L.LightningDataModule):
     """VQA v2 (+ Visual Genome QA) data for fine-tuning and evaluation.
 
     Args:
@@ -247,6 +240,8 @@ class VQADataModule(L.LightningDataModule):
         drop_last: drop the last incomplete training batch (as the original).
     """
 
+    item_name = "questions"
+
     def __init__(
         self,
         vqa_root: str,
@@ -274,23 +269,16 @@ class VQADataModule(L.LightningDataModule):
                     predict_file=predict_file, answer_list=answer_list)
         self.save_hyperparameters()
         self.datasets: dict[str, VQADataset] = {}
-        self._skipped: dict[str, dict[str, int]] = {}
         self._candidates: dict[str, Any] | None = None
 
     # ---- reading
-    @staticmethod
-    def _files(value: str | list[str] | None) -> list[str]:
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else list(value)
-
     def _split_files(self, split: str) -> list[str]:
         h = self.hparams
         if split == "predict":
-            return self._files(h.predict_file or h.test_file)
+            return as_file_list(h.predict_file or h.test_file)
         if split == "train":
-            return self._files(h.train_files)
-        return self._files(getattr(h, f"{split}_file"))
+            return as_file_list(h.train_files)
+        return as_file_list(getattr(h, f"{split}_file"))
 
     def _read(self, split: str, files: list[str]) -> list[VQAQuestion]:
         h = self.hparams
@@ -298,27 +286,6 @@ class VQADataModule(L.LightningDataModule):
         for f in files:
             out += read_vqa_json(f, h.vqa_root, h.vg_root, require_answer=split == "train")
         return out
-
-    def _count(self, split: str, reason: str, n: int) -> None:
-        counts = self._skipped.setdefault(split, dict.fromkeys(SKIP_REASONS, 0))
-        counts[reason] += n
-
-    def skipped_counts(self, split: str = "train") -> dict[str, int]:
-        """Samples skipped so far in this process, by reason (``missing_image`` at setup,
-        ``corrupt_image`` when decoding); works with :class:`data_modules.SkippedSamplesLogger`."""
-        return dict(self._skipped.get(split, dict.fromkeys(SKIP_REASONS, 0)))
-
-    def _drop_missing(self, questions: list[VQAQuestion], split: str) -> list[VQAQuestion]:
-        exists = {p: os.path.isfile(p) for p in {q.image for q in questions}}
-        missing = [q for q in questions if not exists[q.image]]
-        self._count(split, "missing_image", len(missing))
-        if missing:
-            names = sorted({q.image for q in missing})
-            _logger.warning(
-                "%s: %d of %d questions skipped, their images (%d) not found, e.g. %s", split,
-                len(missing), len(questions), len(names), ", ".join(names[:_NAMED_MISSING]),
-            )
-        return [q for q in questions if exists[q.image]]
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -346,15 +313,6 @@ class VQADataModule(L.LightningDataModule):
                          len({q.image for q in questions}), dict(sources))
         if any(split in self.datasets for split in ("val", "test", "predict")):
             self.answer_candidates()  # a bad answer list fails now, not after an epoch
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is None or "num_skipped" not in batch or trainer.sanity_checking:
-            return batch
-        split = ("train" if trainer.training else "val" if trainer.validating
-                 else "test" if trainer.testing else "predict")
-        self._count(split, "corrupt_image", int(batch["num_skipped"]))
-        return batch
 
     # ---- candidate answers
     def candidate_answers(self) -> list[str]:
@@ -387,7 +345,7 @@ class VQADataModule(L.LightningDataModule):
         (the list of another data set: every prediction would be wrong)."""
         known = {a.strip().lower() for a in answers}
         for split, dataset in self.datasets.items():
-            truth = {a.strip().lower() for q in dataset.questions for a in q.answers}
+            truth = {a.strip().lower() for q in dataset.entries for a in q.answers}
             if truth and not truth & known:
                 _logger.warning(
                     "data.answer_list %s holds none of the %d distinct answers of %s: every "
