@@ -285,6 +285,15 @@ class VQADataModule(SkipCounting, L.LightningDataModule):
         out: list[VQAQuestion] = []
         for f in files:
             out += read_vqa_json(f, h.vqa_root, h.vg_root, require_answer=split == "train")
+        seen = Counter(q.question_id for q in out)
+        repeated = sorted((qid for qid, n in seen.items() if n > 1), key=str)
+        if repeated:
+            message = (f"{split}: {len(repeated)} question ids occur more than once in "
+                       f"{', '.join(files)}, e.g. {repeated[:5]}")
+            if split != "train":
+                # Results are keyed by question id (EvalAI, vqa_result.json): refuse.
+                raise ValueError(message + "; every evaluated question needs its own id")
+            _logger.warning("%s (training uses each entry as given)", message)
         return out
 
     def setup(self, stage: str | None = None) -> None:

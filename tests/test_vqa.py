@@ -635,3 +635,18 @@ def test_cli_constructor_error_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "error: model.decoder_layers and model.k_test must be >= 1, got 2 and 0" in err
     assert "Union subtypes" not in err and "Given value" not in err  # no namespace dump
+
+
+def test_repeated_question_ids_are_refused_for_evaluation_and_warned_for_training(tmp_path, caplog):
+    Image.new("RGB", (40, 30)).save(tmp_path / "1.jpg")
+    path = _write(tmp_path, [{"question_id": 7, "question": "a", "image": "1.jpg", "answer": ["x"]},
+                             {"question_id": 7, "question": "b", "image": "1.jpg", "answer": ["y"]},
+                             {"question_id": 8, "question": "c", "image": "1.jpg", "answer": ["z"]}])
+    dm = VQADataModule(str(tmp_path), train_files=str(path), test_file=str(path), image_size=32,
+                       batch_size=1, num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 3
+    assert "train: 1 question ids occur more than once" in caplog.text
+    with pytest.raises(ValueError, match=r"test: 1 question ids occur more than once in .*e\.g\. "
+                                         r"\[7\]; every evaluated question needs its own id"):
+        dm.setup("test")
