@@ -7,6 +7,7 @@ sample."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import types
 from pathlib import Path
@@ -650,3 +651,22 @@ def test_repeated_question_ids_are_refused_for_evaluation_and_warned_for_trainin
     with pytest.raises(ValueError, match=r"test: 1 question ids occur more than once in .*e\.g\. "
                                          r"\[7\]; every evaluated question needs its own id"):
         dm.setup("test")
+
+
+def test_questions_without_a_readable_image_still_get_an_answer_in_the_result_file(caplog):
+    from types import SimpleNamespace
+
+    from data_modules.vqa import VQAQuestion
+
+    task = tiny_task()
+    ids, mask = _answers([[1, 5, 2], [1, 6, 2]])
+    task.set_answer_candidates(["net", "pitcher"], ids, mask)
+    entries = [VQAQuestion(q, "q?", f"{q}.jpg", "vqa", []) for q in (3, 4, 5)]
+    dm = SimpleNamespace(datasets={"test": SimpleNamespace(entries=entries)})
+    task._trainer = SimpleNamespace(datamodule=dm)
+    rows = [{"question_id": 4, "answer": "pitcher"}]  # questions 3 and 5 lost their images
+    with caplog.at_level(logging.WARNING):
+        extra = task._answers_for_unread("test", rows)
+    assert extra == [{"question_id": 3, "answer": "net"}, {"question_id": 5, "answer": "net"}]
+    assert "2 questions had no readable image" in caplog.text
+    assert task._answers_for_unread("test", rows + extra) == []

@@ -291,7 +291,7 @@ class VQATask(ALBEFTask):
         self._results.extend(self._evaluate(batch, "test"))
 
     def on_test_epoch_end(self) -> None:
-        self._write_results()
+        self._write_results("test")
 
     def on_predict_epoch_start(self) -> None:
         self._load_candidates()
@@ -303,9 +303,9 @@ class VQATask(ALBEFTask):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        self._write_results()
+        self._write_results("predict")
 
-    def _write_results(self) -> None:
+    def _write_results(self, split: str) -> None:
         """``vqa_result.json`` = [{question_id, answer}] for the EvalAI server."""
         rows = self._results
         if self.trainer.world_size > 1:
@@ -315,12 +315,34 @@ class VQATask(ALBEFTask):
         self._results = []
         if not self.trainer.is_global_zero:
             return
+        rows += self._answers_for_unread(split, rows)
         out_dir = self._result_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "vqa_result.json"
         with open(path, "w") as f:
             json.dump(rows, f)
         _logger.info("%d answers written to %s", len(rows), path)
+
+    def _answers_for_unread(self, split: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows for questions of the data module's ``split`` that have no answer yet.
+
+        Questions whose image could not be decoded are dropped from their batch; EvalAI wants
+        an answer for every question, so each gets the first candidate of the answer list
+        (a guess, counted in a warning).
+        """
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get(split)
+        entries = getattr(dataset, "entries", None)
+        if not entries or not self._candidates:
+            return []
+        answered = {r["question_id"] for r in rows}
+        missing = [e.question_id for e in entries if e.question_id not in answered]
+        if not missing:
+            return []
+        guess = self._candidates[0][0]
+        _logger.warning("%d questions had no readable image (e.g. %s); answered %r (the first "
+                        "candidate) so that the result file covers every question",
+                        len(missing), missing[:5], guess)
+        return [{"question_id": q, "answer": guess} for q in missing]
 
     def _result_dir(self) -> Path:
         if self.hparams.result_dir:
