@@ -1,23 +1,32 @@
 """What the fine-tuning data modules that read json lists (SNLI-VE, VQA) share.
 
-Option values that name one file or several, entries whose image file is missing at setup
-(named, counted, dropped), and images that fail to decode in a worker (counted by the
-collate function and reported with the batch, since worker processes cannot update the
-module's counters).
+Option values that name one file or several, json files named in their errors, entries whose
+image file is missing at setup (named, counted, dropped), images that fail to decode in a
+worker (counted by the collate function and reported with the batch, since worker processes
+cannot update the module's counters), the set-up of each split and the loaders.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import lightning as L
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from albef_pl.transforms import eval_transform, finetune_transform
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_ERRORS", "SKIP_REASONS", "ImageEntryDataset", "SkipCounting", "as_file_list"]
+__all__ = ["IMAGE_ERRORS", "SKIP_REASONS", "ImageEntryDataset", "ListedDataModule",
+           "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_train_batches",
+           "load_json"]
 
 #: Why an entry was skipped: its image was absent at setup, or failed to decode.
 SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
@@ -34,6 +43,54 @@ def as_file_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def load_json(path: str | Path) -> Any:
+    """``json.load`` of ``path``; a file that is not json raises ``ValueError`` naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:  # the decoder's message names no file
+            raise ValueError(f"{path}: not valid json ({err})") from None
+
+
+def check_files(**options: str | list[str] | None) -> None:
+    """Raise ``FileNotFoundError`` naming the option of a json file that does not exist
+    (at construction, so that the CLI reports it before the model is built)."""
+    for name, value in options.items():
+        for f in [value] if isinstance(value, str) else list(value or []):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"data.{name}: no file at {f}")
+
+
+def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,
+                        what: str) -> None:
+    """Refuse a training set that yields no batch (Lightning would end ``fit`` at once and
+    report success)."""
+    per_process = math.ceil(n / max(world_size, 1))  # DistributedSampler pads up
+    if drop_last and per_process < batch_size:
+        raise ValueError(
+            f"train: {per_process} {what} per process, fewer than data.batch_size="
+            f"{batch_size} with data.drop_last=true, so not one training batch. Lower "
+            "--data.batch_size or set --data.drop_last false."
+        )
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sampler: sample ``i`` goes to process ``i % world``, nothing repeated.
+
+    # NOTE: the original (and torch's ``DistributedSampler``) pads the evaluation set with
+    # duplicates to a multiple of the world size, so a few pairs are counted twice; here
+    # every pair counts once (the accuracy metric sums counts over processes).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class _HasImage(Protocol):
     image: str
 
@@ -41,16 +98,123 @@ class _HasImage(Protocol):
 T = TypeVar("T", bound=_HasImage)
 
 
-class SkipCounting:
-    """Mixin for a ``LightningDataModule``: per-split skip counts that
-    :class:`data_modules.SkippedSamplesLogger` reads through :meth:`skipped_counts`.
+class ListedDataModule(L.LightningDataModule):
+    """Base of data modules that list their entries in json files, one dataset per split.
 
-    Batches report images that failed to decode as ``num_skipped``.
+    :meth:`setup` reads each split's files (:meth:`_split_files`, :meth:`_read`), drops the
+    entries whose image is missing (when ``hparams.check_images``), refuses an empty split,
+    and builds the dataset (:meth:`_make_dataset`) with the fine-tuning transform for
+    training and the evaluation transform otherwise. The loaders shuffle and drop the last
+    incomplete batch for training, and split evaluation sets across processes without
+    repeats. Per-split skip counts are read by :class:`data_modules.SkippedSamplesLogger`
+    through :meth:`skipped_counts`; batches report images that failed to decode as
+    ``num_skipped``.
+
+    Subclasses save ``image_size``, ``batch_size``, ``eval_batch_size``, ``num_workers``,
+    ``pin_memory``, ``drop_last`` and ``check_images`` as hyper-parameters.
     """
 
-    #: What one entry is called in messages ("pairs", "questions").
+    #: What one entry is called in messages, and several ("pair", "pairs").
+    item_one = "entry"
     item_name = "entries"
+    #: The option naming the training files, for the message when it is missing.
+    train_option = "train_file"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.datasets: dict[str, ImageEntryDataset] = {}
+
+    # ---- what subclasses provide
+    def _split_files(self, split: str) -> list[str]:
+        """The json files of ``split`` ("train", "val", "test" or "predict")."""
+        raise NotImplementedError
+
+    def _read(self, split: str, files: list[str]) -> list:
+        """The entries of ``files``."""
+        raise NotImplementedError
+
+    def _roots(self) -> str:
+        """The image-root options, for the message of a split whose images are all missing."""
+        raise NotImplementedError
+
+    def _make_dataset(self, split: str, entries: list, transform: Callable) -> ImageEntryDataset:
+        raise NotImplementedError
+
+    def _describe(self, split: str, entries: list) -> None:
+        """Log what a split holds."""
+
+    def _after_setup(self) -> None:
+        """Checks once the splits are read."""
+
+    def _train_collate(self) -> Callable:
+        raise NotImplementedError
+
+    def _eval_collate(self) -> Callable:
+        raise NotImplementedError
+
+    # ---- set-up and loaders
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
+                  "predict": ["predict"]}
+        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
+            if split in self.datasets:
+                continue
+            files = self._split_files(split)
+            if not files:
+                continue
+            entries = self._read(split, files)
+            if h.check_images:
+                entries = self._drop_missing(entries, split)
+            if not entries:
+                raise ValueError(f"{split}: no {self.item_one} of {', '.join(files)} has its "
+                                 f"image under {self._roots()}")
+            transform = (finetune_transform(h.image_size) if split == "train"
+                         else eval_transform(h.image_size))
+            self.datasets[split] = self._make_dataset(split, entries, transform)
+            self._describe(split, entries)
+        self._after_setup()
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            raise ValueError(f"data.{self.train_option} is required to fit")
+        h = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_train_batches(len(self.datasets["train"]), h.batch_size, h.drop_last, world,
+                            self.item_name)
+        return DataLoader(
+            self.datasets["train"], batch_size=h.batch_size, shuffle=True,
+            num_workers=h.num_workers, collate_fn=self._train_collate(),
+            pin_memory=h.pin_memory, drop_last=h.drop_last,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        if split not in self.datasets:
+            return []
+        h = self.hparams
+        dataset = self.datasets[split]
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, self.trainer.world_size,
+                                                 self.trainer.global_rank)
+        batches = math.ceil(len(dataset) / h.eval_batch_size)
+        return DataLoader(
+            dataset, batch_size=h.eval_batch_size, shuffle=False, sampler=sampler,
+            num_workers=min(h.num_workers, batches), collate_fn=self._eval_collate(),
+            pin_memory=h.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
+
+    # ---- skips
     def _count(self, split: str, reason: str, n: int) -> None:
         skipped = self.__dict__.setdefault("_skipped", {})
         counts = skipped.setdefault(split, dict.fromkeys(SKIP_REASONS, 0))
@@ -87,7 +251,7 @@ class SkipCounting:
         return batch
 
 
-class ImageEntryDataset:
+class ImageEntryDataset(Dataset):
     """A map-style dataset over entries that name an ``image`` file.
 
     Item ``i`` is ``{"image": transform(image), "text": text_of(entry), "entry": entry}``, or

@@ -19,27 +19,28 @@ failures holds only that count).
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from albef_pl.tasks.ve import LABELS
 from albef_pl.text import CaptionTokenizer, pre_caption
-from albef_pl.transforms import eval_transform, finetune_transform
-from data_modules.listed import ImageEntryDataset, SkipCounting, as_file_list
+from data_modules.listed import (
+    ImageEntryDataset,
+    ListedDataModule,
+    as_file_list,
+    check_files,
+    load_json,
+)
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["VEDataModule", "VEDataset", "VEPair", "check_files", "load_json", "parse_label",
+__all__ = ["VEDataModule", "VEDataset", "VEPair", "parse_label",
            "read_ve_json"]
 
 NO_LABEL = -1
@@ -77,37 +78,6 @@ def parse_label(value: Any) -> int:
         if name.isdigit() and int(name) < len(LABELS):
             return int(name)
     raise ValueError(f"label {value!r} is not one of {sorted(LABELS)} or 0, 1, 2")
-
-
-def load_json(path: str | Path) -> Any:
-    """``json.load`` of ``path``; a file that is not json raises ``ValueError`` naming it."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:  # the decoder's message names no file
-            raise ValueError(f"{path}: not valid json ({err})") from None
-
-
-def check_files(**options: str | list[str] | None) -> None:
-    """Raise ``FileNotFoundError`` naming the option of a json file that does not exist
-    (at construction, so that the CLI reports it before the model is built)."""
-    for name, value in options.items():
-        for f in [value] if isinstance(value, str) else list(value or []):
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"data.{name}: no file at {f}")
-
-
-def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,
-                        what: str) -> None:
-    """Refuse a training set that yields no batch (Lightning would end ``fit`` at once and
-    report success)."""
-    per_process = math.ceil(n / max(world_size, 1))  # DistributedSampler pads up
-    if drop_last and per_process < batch_size:
-        raise ValueError(
-            f"train: {per_process} {what} per process, fewer than data.batch_size="
-            f"{batch_size} with data.drop_last=true, so not one training batch. Lower "
-            "--data.batch_size or set --data.drop_last false."
-        )
 
 
 def read_ve_json(
@@ -204,24 +174,7 @@ class VECollate:
         }
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Evaluation sampler: sample ``i`` goes to process ``i % world``, nothing repeated.
-
-    # NOTE: the original (and torch's ``DistributedSampler``) pads the evaluation set with
-    # duplicates to a multiple of the world size, so a few pairs are counted twice; here
-    # every pair counts once (the accuracy metric sums counts over processes).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-        self.total_size = len(dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-
-class VEDataModule(SkipCounting, L.LightningDataModule):
+class VEDataModule(ListedDataModule):
     """SNLI-VE data for fine-tuning and evaluation.
 
     Args:
@@ -246,7 +199,7 @@ class VEDataModule(SkipCounting, L.LightningDataModule):
         drop_last: drop the last incomplete training batch (as the original).
     """
 
-    item_name = "pairs"
+    item_one, item_name = "pair", "pairs"
 
     def __init__(
         self,
@@ -271,7 +224,6 @@ class VEDataModule(SkipCounting, L.LightningDataModule):
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file)
         self.save_hyperparameters()
-        self.datasets: dict[str, VEDataset] = {}
 
     # ---- reading
     def _split_files(self, split: str) -> list[str]:
@@ -280,76 +232,28 @@ class VEDataModule(SkipCounting, L.LightningDataModule):
             return as_file_list(h.predict_file or h.test_file)
         return as_file_list(getattr(h, f"{split}_file"))
 
-    def _pairs(self, split: str, files: list[str]) -> list[VEPair]:
+    def _read(self, split: str, files: list[str]) -> list[VEPair]:
         h = self.hparams
         pairs: list[VEPair] = []
         for f in files:
             pairs += read_ve_json(f, h.image_root, require_label=split != "predict",
                                   start=len(pairs))
-        if h.check_images:
-            pairs = self._drop_missing(pairs, split)
         return pairs
 
-    def setup(self, stage: str | None = None) -> None:
-        h = self.hparams
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
-                  "predict": ["predict"]}
-        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
-            if split in self.datasets:
-                continue
-            files = self._split_files(split)
-            if not files:
-                continue
-            pairs = self._pairs(split, files)
-            if not pairs:
-                raise ValueError(f"{split}: no pair of {', '.join(files)} has its image under "
-                                 f"data.image_root={h.image_root!r}")
-            transform = (finetune_transform(h.image_size) if split == "train"
-                         else eval_transform(h.image_size))
-            self.datasets[split] = VEDataset(pairs, transform, h.max_words)
-            counts = [sum(p.label == c for p in pairs) for c in range(len(LABELS))]
-            _logger.info("%s: %d pairs of %d images (contradiction/neutral/entailment %s)",
-                         split, len(pairs), len({p.image for p in pairs}), counts)
+    def _roots(self) -> str:
+        return f"data.image_root={self.hparams.image_root!r}"
+
+    def _make_dataset(self, split: str, entries: list[VEPair], transform) -> VEDataset:
+        return VEDataset(entries, transform, self.hparams.max_words)
+
+    def _describe(self, split: str, entries: list[VEPair]) -> None:
+        counts = [sum(p.label == c for p in entries) for c in range(len(LABELS))]
+        _logger.info("%s: %d pairs of %d images (contradiction/neutral/entailment %s)",
+                     split, len(entries), len({p.image for p in entries}), counts)
 
     # ---- loaders
     def _collate(self) -> VECollate:
         h = self.hparams
         return VECollate(CaptionTokenizer(h.tokenizer, h.max_length, h.append_sep))
 
-    def train_dataloader(self) -> DataLoader:
-        if "train" not in self.datasets:
-            raise ValueError("data.train_file is required to fit")
-        h = self.hparams
-        world = self.trainer.world_size if self.trainer is not None else 1
-        check_train_batches(len(self.datasets["train"]), h.batch_size, h.drop_last, world,
-                            "pairs")
-        return DataLoader(
-            self.datasets["train"], batch_size=h.batch_size, shuffle=True,
-            num_workers=h.num_workers, collate_fn=self._collate(), pin_memory=h.pin_memory,
-            drop_last=h.drop_last, persistent_workers=h.num_workers > 0,
-        )
-
-    def _eval_loader(self, split: str) -> DataLoader | list:
-        if split not in self.datasets:
-            return []
-        h = self.hparams
-        dataset = self.datasets[split]
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(dataset, self.trainer.world_size,
-                                                 self.trainer.global_rank)
-        batches = math.ceil(len(dataset) / h.eval_batch_size)
-        return DataLoader(
-            dataset, batch_size=h.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=min(h.num_workers, batches), collate_fn=self._collate(),
-            pin_memory=h.pin_memory,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("predict")
+    _train_collate = _eval_collate = _collate

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -34,17 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from albef_pl.text import CaptionTokenizer, pre_question
-from albef_pl.transforms import eval_transform, finetune_transform
-from data_modules.listed import ImageEntryDataset, SkipCounting, as_file_list
-from data_modules.ve import (
-    UnpaddedDistributedSampler,
+from data_modules.listed import (
+    ImageEntryDataset,
+    ListedDataModule,
+    as_file_list,
     check_files,
-    check_train_batches,
     load_json,
 )
 
@@ -211,7 +207,7 @@ class VQAEvalCollate:
         }
 
 
-class VQADataModule(SkipCounting, L.LightningDataModule):
+class VQADataModule(ListedDataModule):
     """VQA v2 (+ Visual Genome QA) data for fine-tuning and evaluation.
 
     Args:
@@ -240,7 +236,8 @@ class VQADataModule(SkipCounting, L.LightningDataModule):
         drop_last: drop the last incomplete training batch (as the original).
     """
 
-    item_name = "questions"
+    item_one, item_name = "question", "questions"
+    train_option = "train_files"
 
     def __init__(
         self,
@@ -268,7 +265,6 @@ class VQADataModule(SkipCounting, L.LightningDataModule):
         check_files(train_files=train_files, val_file=val_file, test_file=test_file,
                     predict_file=predict_file, answer_list=answer_list)
         self.save_hyperparameters()
-        self.datasets: dict[str, VQADataset] = {}
         self._candidates: dict[str, Any] | None = None
 
     # ---- reading
@@ -296,30 +292,19 @@ class VQADataModule(SkipCounting, L.LightningDataModule):
             _logger.warning("%s (training uses each entry as given)", message)
         return out
 
-    def setup(self, stage: str | None = None) -> None:
+    def _roots(self) -> str:
         h = self.hparams
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
-                  "predict": ["predict"]}
-        for split in wanted.get(stage, ["train", "val", "test", "predict"]):
-            if split in self.datasets:
-                continue
-            files = self._split_files(split)
-            if not files:
-                continue
-            questions = self._read(split, files)
-            if h.check_images:
-                questions = self._drop_missing(questions, split)
-            if not questions:
-                raise ValueError(f"{split}: no question of {', '.join(files)} has its image "
-                                 f"under data.vqa_root={h.vqa_root!r} / vg_root={h.vg_root!r}")
-            train = split == "train"
-            transform = finetune_transform(h.image_size) if train else eval_transform(h.image_size)
-            self.datasets[split] = VQADataset(
-                questions, transform, h.max_words if train else h.eval_max_words
-            )
-            sources = Counter(q.dataset for q in questions)
-            _logger.info("%s: %d questions on %d images (%s)", split, len(questions),
-                         len({q.image for q in questions}), dict(sources))
+        return f"data.vqa_root={h.vqa_root!r} / vg_root={h.vg_root!r}"
+
+    def _make_dataset(self, split: str, entries: list[VQAQuestion], transform) -> VQADataset:
+        h = self.hparams
+        return VQADataset(entries, transform, h.max_words if split == "train" else h.eval_max_words)
+
+    def _describe(self, split: str, entries: list[VQAQuestion]) -> None:
+        _logger.info("%s: %d questions on %d images (%s)", split, len(entries),
+                     len({q.image for q in entries}), dict(Counter(q.dataset for q in entries)))
+
+    def _after_setup(self) -> None:
         if any(split in self.datasets for split in ("val", "test", "predict")):
             self.answer_candidates()  # a bad answer list fails now, not after an epoch
 
@@ -381,42 +366,8 @@ class VQADataModule(SkipCounting, L.LightningDataModule):
         h = self.hparams
         return CaptionTokenizer(h.tokenizer, h.answer_max_length, append_sep=True)
 
-    def train_dataloader(self) -> DataLoader:
-        if "train" not in self.datasets:
-            raise ValueError("data.train_files is required to fit")
-        h = self.hparams
-        world = self.trainer.world_size if self.trainer is not None else 1
-        check_train_batches(len(self.datasets["train"]), h.batch_size, h.drop_last, world,
-                            "questions")
-        return DataLoader(
-            self.datasets["train"], batch_size=h.batch_size, shuffle=True,
-            num_workers=h.num_workers,
-            collate_fn=VQATrainCollate(self._question_tokenizer(), self._answer_tokenizer()),
-            pin_memory=h.pin_memory, drop_last=h.drop_last,
-            persistent_workers=h.num_workers > 0,
-        )
+    def _train_collate(self) -> VQATrainCollate:
+        return VQATrainCollate(self._question_tokenizer(), self._answer_tokenizer())
 
-    def _eval_loader(self, split: str) -> DataLoader | list:
-        if split not in self.datasets:
-            return []
-        h = self.hparams
-        dataset = self.datasets[split]
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(dataset, self.trainer.world_size,
-                                                 self.trainer.global_rank)
-        batches = math.ceil(len(dataset) / h.eval_batch_size)
-        return DataLoader(
-            dataset, batch_size=h.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=min(h.num_workers, batches),
-            collate_fn=VQAEvalCollate(self._question_tokenizer()), pin_memory=h.pin_memory,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("predict")
+    def _eval_collate(self) -> VQAEvalCollate:
+        return VQAEvalCollate(self._question_tokenizer())

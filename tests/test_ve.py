@@ -21,7 +21,8 @@ from albef_pl.losses import classifier_loss
 from albef_pl.momentum import ema_update
 from albef_pl.tasks.ve import LABEL_NAMES, LABELS, VisualEntailmentTask
 from conftest import ROOT, SHARED, requires_shared, tiny_text, tiny_vision
-from data_modules.ve import UnpaddedDistributedSampler, VEDataModule, parse_label, read_ve_json
+from data_modules.listed import UnpaddedDistributedSampler
+from data_modules.ve import VEDataModule, parse_label, read_ve_json
 
 SAMPLE_CONF = ROOT / "conf" / "finetune" / "ve_sample.yaml"
 SAMPLE_JSON = SHARED / "data" / "vl_tasks" / "albef_format" / "ve_sample.json"
