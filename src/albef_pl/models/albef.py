@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef_pl.models.text import FusionEncoder, MLMHead, TextConfig, TextEncoder, pool_states
+from albef_pl.models.text import (
+    FusionEncoder,
+    MLMHead,
+    TextConfig,
+    TextEncoder,
+    init_bert_weights,
+    pool_states,
+)
 from albef_pl.models.vision import VisionConfig, build_vision_encoder, encode_image
 
 
@@ -83,14 +90,7 @@ class ALBEF(nn.Module):
     def _init_new_weights(module: nn.Module) -> None:
         # BERT's initialiser (normal 0.02) for everything BERT-side; timm initialised the ViT.
         if isinstance(module, (TextEncoder, FusionEncoder, MLMHead)):
-            for m in module.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=0.02)
-                    if isinstance(m, nn.Linear) and m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+            init_bert_weights(module)
 
     @property
     def vision_width(self) -> int:

@@ -129,6 +129,19 @@ class TextConfig:
         return cfg
 
 
+def init_bert_weights(module: nn.Module) -> None:
+    """BERT's initialiser on every submodule: normal(0, 0.02) weights for linear layers and
+    embeddings, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def pool_states(states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """(B, L, D) states -> (B, D): the [CLS] state, or the mean over tokens where the mask is 1."""
     if pooling == "cls":

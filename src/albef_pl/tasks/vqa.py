@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from albef_pl.losses import answer_nll, vqa_loss
 from albef_pl.metrics import vqa_accuracy
 from albef_pl.models.albef import ALBEF
-from albef_pl.models.text import AnswerDecoder
+from albef_pl.models.text import AnswerDecoder, init_bert_weights
 from albef_pl.tasks.base import ALBEFTask
 
 _logger = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ def copy_matching(dst: nn.Module, src: nn.Module) -> list[str]:
             else:
                 left.append(name)
     return left
-
-
-def _bert_init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class VQATask(ALBEFTask):
@@ -122,7 +111,7 @@ class VQATask(ALBEFTask):
         m = self.model
         decoder = AnswerDecoder(m.bert_config, self._decoder_layers,
                                 m.text_encoder.grad_checkpointing)
-        _bert_init(decoder)
+        init_bert_weights(decoder)
         fresh = copy_matching(decoder.embeddings, m.text_encoder.embeddings)
         fusion = m.fusion_encoder.layers
         for j, layer in enumerate(decoder.layers):
