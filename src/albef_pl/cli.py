@@ -42,14 +42,28 @@ def _short_union_error(message: str) -> str:
 class ALBEFCLI(LightningCLI):
     """LightningCLI with the project's defaults (config saved next to the logs)."""
 
+    def _sub_config(self):
+        """The options of the running subcommand (the whole config when there is none)."""
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
     def _parse_ckpt_path(self) -> None:
         # NOTE: overrides a private LightningCLI method: it has no public hook between merging
         # the checkpoint's hyper-parameters into the config and instantiating the classes.
-        subcommand = self.config.get("subcommand")
-        args = _model_args(self.config[subcommand]) if subcommand else None
+        cfg = self._sub_config()
+        value = cfg.get("ckpt_path")
+        if value is not None and value not in ("last", "best", "hpc", "registry"):
+            # Lightning unpickles the file next; one that is not a checkpoint of this task
+            # would end in a raw unpickling traceback or fail on the first batch.
+            try:
+                state = check_lightning_checkpoint(value)
+                check_same_task(value, state, cfg.get("model"))
+            except (OSError, ValueError) as err:
+                self.parser.error(str(err))  # usage line, the message, exit status 2
+        args = _model_args(cfg)
         kept = {k: args[k] for k in RUNTIME_MODEL_OPTIONS if args is not None and k in args}
         super()._parse_ckpt_path()
-        args = _model_args(self.config[subcommand]) if subcommand else None
+        args = _model_args(self._sub_config())
         for key, value in kept.items():
             if args is not None and key in args:
                 args[key] = value
@@ -66,7 +80,7 @@ class ALBEFCLI(LightningCLI):
         writes predictions of a random model without a word."""
         if self.subcommand not in ("validate", "test", "predict"):
             return
-        cfg = self.config[self.subcommand]
+        cfg = self._sub_config()
         args = _model_args(cfg)
         if cfg.get("ckpt_path") or (args is not None and args.get("init_checkpoint")):
             return
@@ -78,9 +92,8 @@ class ALBEFCLI(LightningCLI):
     def check_init_checkpoint(self) -> None:
         """A missing ``model.init_checkpoint`` in one line (a common first mistake: fine-tuning
         before pre-training), instead of jsonargparse's report on every union member."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        model = cfg.get("model")
-        args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        cfg = self._sub_config()
+        args = _model_args(cfg)
         path = args.get("init_checkpoint") if args is not None and hasattr(args, "get") else None
         ckpt = cfg.get("ckpt_path")
         if path and ckpt and Path(str(ckpt)).is_file():
@@ -106,8 +119,7 @@ class ALBEFCLI(LightningCLI):
 
         from jsonargparse import Namespace
 
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        data = cfg.get("data")
+        data = self._sub_config().get("data")
         if not isinstance(data, Namespace) or not str(data.get("class_path", "")).startswith(
             "data_modules."
         ):
@@ -120,20 +132,6 @@ class ALBEFCLI(LightningCLI):
             cls(**kwargs)
         except (OSError, ValueError, TypeError) as err:
             self.parser.error(f"data ({data.class_path}): {err}")
-
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        # LightningCLI unpickles --ckpt_path right after parsing (for its hyper-parameters);
-        # a file that is not a checkpoint would end in a raw unpickling traceback there.
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            value = self.config[subcommand].get("ckpt_path")
-            if value is not None and value not in ("last", "best", "hpc", "registry"):
-                try:
-                    state = check_lightning_checkpoint(value)
-                    check_same_task(value, state, self.config[subcommand].get("model"))
-                except (OSError, ValueError) as err:
-                    parser.error(str(err))  # usage line, the message, exit status 2
 
     def instantiate_classes(self) -> None:
         # Our constructors check their options and files and raise FileNotFoundError or
