@@ -20,6 +20,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from albef_pl.errors import DataError, data_errors
 from albef_pl.transforms import eval_transform, finetune_transform
 
 _logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class ListedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # ---- set-up and loaders
+    @data_errors("data ({cls}, set-up)")
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
@@ -248,7 +250,28 @@ class ListedDataModule(L.LightningDataModule):
         split = ("train" if trainer.training else "val" if trainer.validating
                  else "test" if trainer.testing else "predict")
         self._count(split, "corrupt_image", int(batch["num_skipped"]))
+        tally = self.__dict__.setdefault("_pass_tally", {})
+        read, dropped = tally.get(split, (0, 0))
+        good = len(batch["image"]) if "image" in batch else 0
+        tally[split] = (read + good, dropped + int(batch["num_skipped"]))
         return batch
+
+    def take_pass_tally(self, split: str) -> tuple[int, int]:
+        """(decoded, undecodable) samples of ``split`` since the last call, in this process;
+        the tally starts again at zero."""
+        return self.__dict__.setdefault("_pass_tally", {}).pop(split, (0, 0))
+
+    def check_pass(self, split: str, decoded: int, dropped: int) -> None:
+        """Raise :class:`DataError` when an evaluation pass (all processes together) decoded
+        no image although it read some: its metrics would be missing (a monitored checkpoint
+        would stop on "monitored key not found") and predictions empty."""
+        if dropped and not decoded:
+            files = ", ".join(self._split_files(split))
+            raise DataError(
+                f"{split}: none of the {dropped} images read from {files} could be decoded (see "
+                "the 'skipped unreadable image' warnings above); replace the files or remove "
+                "their entries"
+            )
 
 
 class ImageEntryDataset(Dataset):

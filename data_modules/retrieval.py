@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from albef_pl.errors import data_errors
 from albef_pl.text import CaptionTokenizer, is_usable_caption, pre_caption
 from albef_pl.transforms import eval_transform, finetune_transform
 
@@ -396,6 +397,7 @@ class RetrievalDataModule(L.LightningDataModule):
         txt2img = [i for i, e in enumerate(entries) for _ in e.captions]
         return images, captions, txt2img
 
+    @data_errors("data ({cls}, set-up)")
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         if stage in (None, "fit") and self.train_set is None and h.train_file:

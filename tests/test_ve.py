@@ -388,3 +388,60 @@ def test_cli_predict_without_any_checkpoint_warns_of_untrained_weights(
     run_cli(["predict", *base, "--trainer.limit_predict_batches", "1"])
     assert "predict without --ckpt_path or model.init_checkpoint" in caplog.text
     assert (tmp_path / "predictions" / "ve_predictions.json").is_file()  # still written
+
+
+def _own_files(tmp: Path, val_text: str | None = None, corrupt_val: bool = False) -> list[str]:
+    """Options pointing the VE sample config at two tiny readable training pairs and a val
+    file in ``tmp``: broken json (``val_text``) or pairs whose images do not decode."""
+    for name in ("1", "2"):
+        Image.new("RGB", (40, 30), (80, 90, 100)).save(tmp / f"{name}.jpg")
+    (tmp / "bad1.jpg").write_bytes(b"not a jpeg")
+    (tmp / "bad2.jpg").write_bytes(b"")
+    train = tmp / "train.json"
+    train.write_text(json.dumps([{"image": n, "sentence": "a b", "label": 0} for n in "12"]))
+    val = tmp / "val.json"
+    if val_text is not None:
+        val.write_text(val_text)
+    elif corrupt_val:
+        val.write_text(json.dumps([{"image": f"bad{k}", "sentence": "c", "label": 1}
+                                   for k in (1, 2)]))
+    return ["--data.image_root", str(tmp), "--data.train_file", str(train),
+            "--data.val_file", str(val), "--data.test_file", "null",
+            "--data.batch_size", "2", "--data.eval_batch_size", "2"]
+
+
+def _main_fails(args: list[str], capsys) -> str:
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_broken_val_json_found_at_setup_is_one_line_without_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path, '[{"image": ')],
+                      capsys)
+    assert "error: data (VEDataModule, set-up): " in err
+    assert f"{tmp_path / 'val.json'}: not valid json" in err
+    assert "Traceback" not in err
+
+
+def test_cli_validation_whose_images_all_fail_to_decode_names_the_file(
+    tmp_path, monkeypatch, capsys
+):
+    # Before: the run trained an epoch and stopped on ModelCheckpoint's "could not find the
+    # monitored key val/acc", which says nothing about the images.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path, corrupt_val=True),
+                       "--trainer.num_sanity_val_steps", "0"], capsys)
+    assert (f"val: none of the 2 images read from {tmp_path / 'val.json'} could be decoded"
+            in err)
+    assert "monitored key" not in err and "Traceback" not in err

@@ -7,12 +7,15 @@ a YAML ``class_path`` may name any task or data module, including a user's own s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import zipfile
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from albef_pl.errors import DataError
 
 
 #: Model options of evaluation and output that a ``--ckpt_path`` run takes from the config and
@@ -206,8 +209,20 @@ def run_cli(args: list[str] | None = None) -> ALBEFCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning`` / ``albef-pl``: ``fit``, ``validate``, ``test``, ``predict``."""
-    run_cli(args)
+    """Entry point of ``lightning`` / ``albef-pl``: ``fit``, ``validate``, ``test``, ``predict``.
+
+    A :class:`~albef_pl.errors.DataError` (a data file or entry found unusable once the run
+    has started, e.g. while a data module reads its json at set-up) ends the program with its
+    message on one line and exit status 2, like the option errors found before the run.
+    """
+    try:
+        run_cli(args)
+    except DataError as err:
+        if os.environ.get("ALBEF_PL_TRACEBACK"):
+            raise
+        print(f"error: {err}\n(set ALBEF_PL_TRACEBACK=1 to see where it was raised)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -170,6 +170,27 @@ class ALBEFTask(L.LightningModule):
         torch.manual_seed(seed)
         self.generator.manual_seed(seed + 1)
 
+    # ---- evaluation data that could not be read
+    def on_validation_epoch_end(self) -> None:
+        self.check_evaluation_data("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.check_evaluation_data("test")
+
+    def check_evaluation_data(self, split: str) -> None:
+        """Stop with a :class:`~albef_pl.errors.DataError` naming the files when a whole
+        evaluation pass decoded no image (every process together), instead of the run ending
+        later on a missing metric. Data modules without a pass tally are not checked.
+        Subclasses that override the epoch-end hooks call ``super()`` first."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        take = getattr(datamodule, "take_pass_tally", None)
+        if take is None or trainer.sanity_checking:
+            return
+        counts = torch.tensor(take(split), dtype=torch.float32, device=self.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        datamodule.check_pass(split, int(counts[0]), int(counts[1]))
+
     def configure_callbacks(self):
         from albef_pl.callbacks import MomentumTeacher
 

@@ -213,12 +213,14 @@ class RetrievalTask(ALBEFTask):
         self.embed_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if self.trainer.sanity_checking:  # a partial set: nothing meaningful to rank
             self._reset_eval()
             return
         self._evaluate("val")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._evaluate("test")
 
     def on_predict_epoch_end(self) -> None:

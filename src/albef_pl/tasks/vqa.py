@@ -280,6 +280,7 @@ class VQATask(ALBEFTask):
         self._results.extend(self._evaluate(batch, "test"))
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._write_results("test")
 
     def on_predict_epoch_start(self) -> None:
