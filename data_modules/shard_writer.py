@@ -99,6 +99,10 @@ _COCO_LAYOUT = (
 )
 
 
+#: Skipped images named one by one in the log; every one is listed in ``skipped.json``.
+NAMED_SKIPS = 20
+
+
 class InputError(ValueError):
     """An input file that cannot be used; the message names the file, entry and layout."""
 
@@ -411,7 +415,11 @@ def write_shards(
             reason = "no caption"
         if reason is not None:
             skipped.append({"image": _relative(sample.image, root), "reason": reason})
-            _logger.warning("skipping %s: %s", sample.image, reason)
+            if len(skipped) <= NAMED_SKIPS:
+                _logger.warning("skipping %s: %s", sample.image, reason)
+            elif len(skipped) == NAMED_SKIPS + 1:
+                _logger.warning("more images skipped; all are listed in %s",
+                                out / "skipped.json")
             continue
         sample.captions = captions
         kept.append((index, sample, ext))
@@ -419,7 +427,7 @@ def write_shards(
     existing = sorted(out.glob(f"{prefix}-*.tar"))
     if not kept and existing:
         # Nothing readable (often a wrong --image-root): never replace good shards by nothing.
-        raise RuntimeError(
+        raise InputError(
             f"no readable image among {len(samples)} inputs, so the {len(existing)} existing "
             f"shards in {out} were left untouched; check --image-root ({image_root})"
         )
@@ -539,16 +547,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
 
-    result = write_shards(
-        samples,
-        args.out,
-        samples_per_shard=args.samples_per_shard,
-        prefix=args.prefix,
-        image_root=root,
-        workers=args.workers,
-        force=args.force,
-        input_skipped=input_skipped,
-    )
+    try:
+        result = write_shards(
+            samples,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            prefix=args.prefix,
+            image_root=root,
+            workers=args.workers,
+            force=args.force,
+            input_skipped=input_skipped,
+        )
+    except InputError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     if result.total == 0:
         _logger.error(
             "no sample written to %s: every image was missing or unreadable (see %s). Image "

@@ -225,13 +225,13 @@ def test_synthetic_shapes_are_fast_exact_and_deterministic(tmp_path: Path) -> No
             assert expected[relation]
 
 
-def test_wrong_image_root_never_replaces_good_shards(tmp_path):
+def test_wrong_image_root_never_replaces_good_shards(tmp_path, capsys):
     import json
 
     import pytest
     from PIL import Image
 
-    from data_modules.shard_writer import samples_from_albef_json, write_shards
+    from data_modules.shard_writer import InputError, samples_from_albef_json, write_shards
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img/a.png")
@@ -240,10 +240,33 @@ def test_wrong_image_root_never_replaces_good_shards(tmp_path):
     out = tmp_path / "shards"
     write_shards(samples_from_albef_json([ann], tmp_path), out, samples_per_shard=4)
     before = sorted(p.name for p in out.glob("*.tar"))
-    with pytest.raises(RuntimeError, match="left untouched"):
+    with pytest.raises(InputError, match="left untouched"):
         write_shards(samples_from_albef_json([ann], tmp_path / "wrong"), out,
                      samples_per_shard=4, image_root=tmp_path / "wrong")
     assert sorted(p.name for p in out.glob("*.tar")) == before
+    # The command says it in one line (exit 2), not a traceback.
+    args = ["--json", str(ann), "--image-root", str(tmp_path / "wrong"), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("albef-pl-shards: error: no readable image among 1 inputs")
+    assert sorted(p.name for p in out.glob("*.tar")) == before
+
+
+def test_skipped_images_beyond_the_first_twenty_are_listed_not_logged(tmp_path, caplog):
+    import json
+
+    from data_modules.shard_writer import NAMED_SKIPS, samples_from_albef_json, write_shards
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": f"gone{k}.png", "caption": "x"} for k in range(30)]))
+    write_shards(samples_from_albef_json([ann], tmp_path), tmp_path / "out", samples_per_shard=4,
+                 image_root=tmp_path)
+    named = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(named) == NAMED_SKIPS == 20
+    assert "more images skipped; all are listed in" in caplog.text
+    listed = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert len(listed if isinstance(listed, list) else listed["skipped"]) == 30
 
 
 def test_malformed_input_files_exit_with_one_line_errors(tmp_path: Path, capsys) -> None:
