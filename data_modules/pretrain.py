@@ -152,6 +152,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._world: tuple[int, int] | None = None
         self._loaders: dict[str, EpochLoader] = {}
         self._epochs: dict[str, int] = {}
+        self._train_batch = 0  # a restored position inside the training epoch
 
     # -- distributed layout
 
@@ -289,6 +290,9 @@ class PretrainDataModule(L.LightningDataModule):
             loader.epoch, loader.totals = previous.epoch, previous.totals
         else:
             loader.epoch = self._epochs.get(split, 0)
+            if split == "train" and self._train_batch:
+                loader.resume_at(loader.epoch, self._train_batch)
+                self._train_batch = 0
         self._loaders[split] = loader
         return loader
 
@@ -311,19 +315,35 @@ class PretrainDataModule(L.LightningDataModule):
             return {reason: 0 for reason in SKIP_REASONS}
         return loader.skipped_counts()
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for each batch training takes (Lightning fetches one ahead): what a
+        # mid-epoch checkpoint must remember as the position in the epoch.
+        trainer = getattr(self, "trainer", None)
+        loader = self._loaders.get("train")
+        if trainer is not None and trainer.training and loader is not None:
+            loader.consumed += 1
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        """The epoch counters, so a resumed run does not replay the same random draws."""
-        # FIXME: the position inside an epoch is not saved; a mid-epoch resume starts the
-        # next epoch's fresh random stream (resampling makes this harmless, not exact).
+        """The epoch counters and the position inside the training epoch in progress, so a
+        resumed run draws exactly what the uninterrupted run would have drawn."""
         epochs = dict(self._epochs)
         epochs.update({split: loader.epoch for split, loader in self._loaders.items()})
-        return {"epochs": epochs}
+        state: dict[str, Any] = {"epochs": epochs, "train_batch": 0}
+        if "train" in self._loaders:
+            epochs["train"], state["train_batch"] = self._loaders["train"].position()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the epoch counters saved by :meth:`state_dict`."""
+        """Restore what :meth:`state_dict` saved (a checkpoint without a position, from an
+        older version, resumes at the start of its next epoch)."""
         self._epochs = dict(state_dict.get("epochs", {}))
+        self._train_batch = int(state_dict.get("train_batch", 0))
         for split, loader in self._loaders.items():
             loader.epoch = self._epochs.get(split, loader.epoch)
+        if "train" in self._loaders and self._train_batch:
+            self._loaders["train"].resume_at(self._epochs["train"], self._train_batch)
+            self._train_batch = 0
 
 
 class SkippedSamplesLogger(L.Callback):

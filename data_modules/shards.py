@@ -698,6 +698,11 @@ class EpochLoader:
         self.stream = stream
         self.num_batches = num_batches
         self.epoch = 0
+        #: Batches of the epoch in progress that training has taken (counted by the data
+        #: module as they reach the model, so batches prefetched by Lightning do not count).
+        self.consumed = 0
+        self._current: int | None = None  # the epoch being iterated
+        self._resume_at = 0
         self.totals: collections.Counter[str] = collections.Counter()
         self.last_epoch_counts: dict[str, int] = {}
         self._last_warning = -math.inf
@@ -716,16 +721,49 @@ class EpochLoader:
         """Samples skipped so far by reason (every reason in :data:`SKIP_REASONS` is listed)."""
         return {reason: int(self.totals.get(reason, 0)) for reason in SKIP_REASONS}
 
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch) where training stands: the epoch in progress and the batches of it
+        already taken, or the next epoch and 0 between epochs."""
+        if self._current is not None and self.consumed < self.num_batches:
+            return self._current, self.consumed
+        return self.epoch, 0
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Make the next iteration epoch ``epoch`` from its batch ``batch`` on: the batches
+        before it are drawn and decoded again (not handed out), so the rest of the epoch is
+        exactly what an uninterrupted run gets."""
+        self.epoch, self._resume_at = epoch, batch
+
+    # Lightning saves and restores loaders that have these two methods with the fit loop's
+    # state, and warns about a mid-epoch resume of loaders without them.
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands, as :meth:`position`."""
+        epoch, batch = self.position()
+        return {"epoch": epoch, "batch": batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position saved by :meth:`state_dict`."""
+        self.resume_at(int(state["epoch"]), int(state["batch"]))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # The epoch advances when iteration starts: a consumer may stop after len() batches.
         epoch, self.epoch = self.epoch, self.epoch + 1
+        skip, self._resume_at = self._resume_at, 0
+        self.consumed, self._current = skip, epoch
         self.stream.set_epoch(epoch)
+        if skip:
+            _logger.info(
+                "%s: resuming epoch %d at batch %d of %d; re-reading the first %d batches "
+                "(decoded, not trained on) so that the rest of the epoch is the "
+                "uninterrupted run's", self.stream.name, epoch, skip, self.num_batches, skip)
         epoch_counts: collections.Counter[str] = collections.Counter()
         produced, first, samples = 0, None, [0]
         batches = self._full_batches(self._counted(epoch_counts, samples))
         for batch in batches:
             produced += 1
             first = batch if first is None else first
+            if produced <= skip:
+                continue
             if produced == self.num_batches:
                 # Stop the workers and report before handing out the last batch.
                 batches.close()

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -443,3 +444,81 @@ def test_a_restored_epoch_counter_replays_that_epochs_draws(tmp_path: Path, num_
     resumed = make_dm(train_shards=str(tmp_path), num_workers=num_workers)
     resumed.load_state_dict({"epochs": {"train": 2}})
     assert ids_of(list(resumed.train_dataloader())) == uninterrupted[2]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_restored_position_inside_an_epoch_continues_that_epochs_draws(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """Mid-epoch resume: the batches after the saved position are the uninterrupted run's,
+    also with two workers (whose batches interleave), and the next epoch follows as usual."""
+    write_good_shards(tmp_path, [12, 12])
+    loader = make_dm(train_shards=str(tmp_path), num_workers=num_workers).train_dataloader()
+    uninterrupted = [[b["image_id"].tolist() for b in loader] for _ in range(3)]
+    assert len(uninterrupted[1]) == 6
+
+    resumed = make_dm(train_shards=str(tmp_path), num_workers=num_workers)
+    resumed.load_state_dict({"epochs": {"train": 1}, "train_batch": 4})
+    again = resumed.train_dataloader()
+    assert [b["image_id"].tolist() for b in again] == uninterrupted[1][4:]
+    assert [b["image_id"].tolist() for b in again] == uninterrupted[2]
+
+
+def test_the_saved_position_counts_batches_taken_not_batches_prefetched(tmp_path: Path) -> None:
+    write_good_shards(tmp_path, [12, 12])
+    dm = make_dm(train_shards=str(tmp_path))
+    assert dm.state_dict() == {"epochs": {}, "train_batch": 0}
+    loader = dm.train_dataloader()
+    assert dm.state_dict() == {"epochs": {"train": 0}, "train_batch": 0}
+    it = iter(loader)
+    next(it), next(it), next(it)  # Lightning fetches one batch ahead of the step
+    loader.consumed = 2  # what on_before_batch_transfer counted
+    assert dm.state_dict() == {"epochs": {"train": 0}, "train_batch": 2}
+    loader.consumed += len(list(it)) + 1  # the epoch ends
+    assert dm.state_dict() == {"epochs": {"train": 1}, "train_batch": 0}
+    it = iter(loader)  # the next epoch has started, nothing taken yet
+    assert dm.state_dict() == {"epochs": {"train": 1}, "train_batch": 0}
+    next(it)
+    assert dm.state_dict() == {"epochs": {"train": 1}, "train_batch": 0}
+
+
+class _IdRecorder(_MeanImageModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[list[int]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.ids.append(batch["image_id"].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, *args) -> None:  # a resumed epoch has no epoch start
+        pass
+
+
+def test_lightning_resume_from_a_mid_epoch_checkpoint_trains_on_the_same_batches(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    write_good_shards(tmp_path / "train", [12, 12])  # 6 batches of 4 per epoch
+
+    def fit(ckpt_path=None) -> _IdRecorder:
+        model = _IdRecorder()
+        every_8 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8,
+                                  save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                            callbacks=[every_8], enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=make_dm(train_shards=str(tmp_path / "train")),
+                    ckpt_path=ckpt_path)
+        return model
+
+    whole = fit().ids  # saves step=8.ckpt, 2 batches into epoch 1, as a crash would find it
+    assert len(whole) == 12 and whole[:6] != whole[6:]
+    ckpt = tmp_path / "ckpt" / "step=8.ckpt"
+    state = torch.load(ckpt, weights_only=False)["PretrainDataModule"]
+    assert state == {"epochs": {"train": 1}, "train_batch": 2}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fit(ckpt_path=ckpt).ids == whole[8:]
+    assert not [w for w in caught if "not resumable" in str(w.message)]
