@@ -523,3 +523,28 @@ def test_paper_recipes_print_their_values(config: str, expected, capsys):
     out = capsys.readouterr().out
     for value in expected:
         assert value in out, value
+
+
+def test_text_assignment_fits_under_lightning_without_a_teacher():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from albef_pl.callbacks import MomentumTeacher
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"image": torch.randn(3, 32, 32, generator=g),
+             "input_ids": torch.randint(5, 128, (6,), generator=g),
+             "attention_mask": torch.ones(6, dtype=torch.long)} for _ in range(8)]
+    task = tiny_task(cls=NLVR2TextAssignmentTask, lr=1e-3, warmup_steps=0)
+    head = task.model.ta_head.weight.clone()
+    proj = task.model.vision_proj.weight.clone()
+    callback = MomentumTeacher()  # a config may name it; without a teacher it does nothing
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, callbacks=[callback],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(task, DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 2 and callback.updates == 0
+    assert not torch.equal(task.model.ta_head.weight, head)
+    assert torch.equal(task.model.vision_proj.weight, proj)  # frozen, as never updated there
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
