@@ -991,7 +991,11 @@ def task_kwargs_for(
     # right for every released ALBEF checkpoint (ViT-B/16 and BERT-base, 12 heads each).
     """
     s = infer_sizes(_strip(state))
-    if detect_layout(_strip(state)) in ("nlvr2_ta", "nlvr2"):
+    try:
+        layout = detect_layout(_strip(state))
+    except ValueError:  # not an ALBEF file: loading it reports that, naming the file
+        layout = None
+    if layout in ("nlvr2_ta", "nlvr2"):
         # NLVR2 tasks are configured with the pre-trained BERT's depth and double its fusion
         # layers themselves (2 * (L - k) pair layers).
         s = dataclasses.replace(

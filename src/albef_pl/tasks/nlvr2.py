@@ -154,6 +154,9 @@ def sample_text_assignment(
     # It crashes when a row has fewer non-zero weights than draws (a batch of two, or
     # similarities so peaked that the others underflow to 0); here each other image keeps a
     # weight of at least 1e-12, and a batch of two draws only labels 0 and 1.
+    # FIXME: a batch holding one picture twice (several captions of an image as separate
+    # samples) can draw that picture as "another image" of its own caption, as the original
+    # can; masking by image id would need the data's ids here.
 
     Args:
         image_feat: (B, E) image features (unit-norm ``vision_proj`` of the image [CLS]).
