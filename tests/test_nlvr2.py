@@ -16,6 +16,7 @@ from PIL import Image
 
 from albef_pl.cli import run_cli
 from albef_pl.convert import (
+    convert_state_dict,
     detect_layout,
     export_official,
     load_official_into_task,
@@ -328,6 +329,36 @@ def test_official_layout_at_full_size(cls, layout: str, keys: int):
     assert list(exported) == list(official_layout(layout))  # in the original's order
     assert len(exported) == keys
     assert len(task.model.fusion_encoder.layers) == 12
+
+
+@pytest.mark.parametrize("source,cls,img_size", [
+    ("pretrain", NLVR2TextAssignmentTask, 256), ("pretrain", NLVR2Task, 384),
+    ("nlvr2_ta", NLVR2Task, 384), ("nlvr2", NLVR2Task, 384),
+    ("nlvr2_ta", NLVR2TextAssignmentTask, 256)])
+def test_official_files_fill_the_full_size_tasks(source: str, cls, img_size: int):
+    with torch.device("meta"):
+        task = cls(vision={"img_size": img_size}, text={"pretrained": None}, init_weights=False)
+    official = {k: torch.empty(s, device="meta") for k, s in official_layout(source).items()}
+    out, report = convert_state_dict(official, task.state_dict(), task.official_layout)
+    assert report.clean, report.summary()
+    fresh = {k for k, why in report.kept.items() if "new head" in why}
+    copied = {k for k, why in report.kept.items() if "copied from the student" in why}
+    heads = {f"{o}.cls_head.{i}.{w}" for o in ("model", "teacher") for i in (0, 2)
+             for w in ("weight", "bias")}
+    if source == "pretrain":  # each official fusion layer fills a pair
+        key = "crossattention.self.query.weight"
+        for j in range(6):
+            src = official[f"text_encoder.bert.encoder.layer.{6 + j}.{key}"]
+            assert out[f"model.fusion_encoder.layers.{2 * j}.{key}"] is src
+            assert out[f"model.fusion_encoder.layers.{2 * j + 1}.{key}"] is src
+        assert fresh == ({"model.ta_head.weight", "model.ta_head.bias"} if cls is
+                         NLVR2TextAssignmentTask else heads)
+    elif (source, cls) == ("nlvr2_ta", NLVR2Task):  # the teacher from the student
+        assert fresh == heads and copied == {  # every teacher tensor but the classifier's
+            k for k in task.state_dict() if k.startswith("teacher.") and k not in heads}
+    else:
+        assert fresh == set() and copied == set()
+    assert set(out) | set(report.kept) == set(task.state_dict())
 
 
 @pytest.mark.parametrize("cls,task_name", [(NLVR2Task, "nlvr2"),

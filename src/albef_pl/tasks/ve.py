@@ -170,10 +170,9 @@ class VisualEntailmentTask(ALBEFTask):
             return []
         logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
         probs = logits.float().softmax(dim=1).cpu()
-        rows = []
+        rows, names = [], self.label_names
         for i, p in enumerate(probs.tolist()):
             pred = max(range(self.num_classes), key=p.__getitem__)
-            names = self.label_names
             row = {
                 "index": int(batch["index"][i]),
                 **self.entry_fields(batch, i),
