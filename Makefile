@@ -9,7 +9,8 @@ STAMP := $(VENV)/.albef_pl_installed
 
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
         finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
-        finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample bench bench-quick clean
+        finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample \
+        finetune-nlvr2-ta finetune-nlvr2 finetune-nlvr2-sample bench bench-quick clean
 
 install: $(STAMP)
 
@@ -84,6 +85,18 @@ finetune-vqa-sample: install
 	$(CLI) fit --config conf/finetune/vqa_sample.yaml --data.vqa_root $(SHARED)/data/vl_tasks \
 	  --data.vg_root $(SHARED)/data/vl_tasks --data.train_files '[$(VQA_SAMPLE)]' \
 	  --data.val_file $(VQA_SAMPLE) --data.test_file $(VQA_SAMPLE) $(ARGS)
+
+finetune-nlvr2-ta: install
+	$(CLI) fit --config conf/finetune/nlvr2_ta.yaml $(ARGS)
+
+finetune-nlvr2: install
+	$(CLI) fit --config conf/finetune/nlvr2.yaml $(ARGS)
+
+NLVR2_SAMPLE := $(SHARED)/data/vl_tasks/albef_format/nlvr_sample.json
+finetune-nlvr2-sample: install
+	@test -f $(NLVR2_SAMPLE) || { echo "$(SHARED)/data/vl_tasks not found: set SHARED=/path/to/shared"; exit 1; }
+	$(CLI) fit --config conf/finetune/nlvr2_sample.yaml --data.image_root $(SHARED)/data/vl_tasks \
+	  --data.train_file $(NLVR2_SAMPLE) --data.val_file $(NLVR2_SAMPLE) --data.test_file $(NLVR2_SAMPLE) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py --out bench_results

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from data_modules.nlvr2 import NLVR2DataModule
     from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
     from data_modules.retrieval import RetrievalDataModule
     from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from data_modules.vqa import VQADataModule
 
 _EXPORTS = {
+    "NLVR2DataModule": "data_modules.nlvr2",
     "PretrainDataModule": "data_modules.pretrain",
     "SkippedSamplesLogger": "data_modules.pretrain",
     "RetrievalDataModule": "data_modules.retrieval",
@@ -30,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "SKIP_REASONS",
     "EpochLoader",
+    "NLVR2DataModule",
     "PretrainDataModule",
     "RetrievalDataModule",
     "ShardStream",

@@ -228,19 +228,27 @@ class ListedDataModule(L.LightningDataModule):
         skipped = self.__dict__.get("_skipped", {})
         return dict(skipped.get(split, dict.fromkeys(SKIP_REASONS, 0)))
 
+    @staticmethod
+    def _image_files(item: Any) -> tuple[str, ...]:
+        """The image files an entry needs (one; NLVR2 entries need two)."""
+        return (item.image,)
+
     def _drop_missing(self, items: list[T], split: str) -> list[T]:
-        """Drop entries whose image file does not exist; warn naming some, count all."""
-        exists = {path: os.path.isfile(path) for path in {item.image for item in items}}
-        missing = [item for item in items if not exists[item.image]]
+        """Drop entries with an image file that does not exist; warn naming some, count all."""
+        files = {path for item in items for path in self._image_files(item)}
+        exists = {path: os.path.isfile(path) for path in files}
+        ok = [all(exists[p] for p in self._image_files(item)) for item in items]
+        missing = [item for item, good in zip(items, ok) if not good]
         self._count(split, "missing_image", len(missing))
         if missing:
-            names = sorted({item.image for item in missing})
+            names = sorted({p for item in missing for p in self._image_files(item)
+                            if not exists[p]})
             _logger.warning(
                 "%s: %d of %d %s skipped, their images (%d) not found, e.g. %s", split,
                 len(missing), len(items), self.item_name, len(names),
                 ", ".join(names[:NAMED_MISSING]),
             )
-        return [item for item in items if exists[item.image]]
+        return [item for item, good in zip(items, ok) if good]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, so counts made in the workers arrive here with the batch.

@@ -73,6 +73,9 @@ class MomentumTeacher(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         if trainer.global_step <= self.last_step:
             return  # accumulating: no optimizer step happened on this batch
+        if getattr(pl_module, "teacher", None) is None:  # a task without teacher
+            self.last_step = trainer.global_step
+            return
         m = self.momentum if self.momentum is not None else float(pl_module.hparams.momentum)
         ema_update(pl_module.teacher, pl_module.model, m)
         self.last_step = trainer.global_step

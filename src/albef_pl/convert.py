@@ -36,8 +36,9 @@ Dropped on the way in and rebuilt on the way out (:func:`drop_reason`):
 ``*.cls.predictions.decoder.weight`` (the word-embedding matrix again: the decoder is tied)
 and ``*.cls.predictions.decoder.bias`` (``cls.predictions.bias`` again).
 
-Target names of the downstream tasks (SNLI-VE and VQA are built: :mod:`albef_pl.tasks.ve`,
-:mod:`albef_pl.tasks.vqa`; the others are still to come, so they only plug in their modules):
+Target names of the downstream tasks (SNLI-VE, VQA and NLVR2 are built:
+:mod:`albef_pl.tasks.ve`, :mod:`albef_pl.tasks.vqa`, :mod:`albef_pl.tasks.nlvr2`; grounding is
+still to come, so it only plugs in its modules):
 
 * VQA: ``model.answer_decoder`` with ``embeddings`` (``BertEmbeddings``), ``layers.{j}``
   (fusion-style layers: self-attention, ``crossattention`` over the question states,
@@ -90,6 +91,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("pretrain", "snli_ve"): "VE.py",
     ("pretrain", "nlvr2_ta"): "Pretrain_nlvr.py",
     ("nlvr2_ta", "nlvr2"): "NLVR.py",
+    # Ours: NLVR2 fine-tuning straight from pre-training, with Pretrain_nlvr.py's layer
+    # duplication but without its text-assignment phase.
+    ("pretrain", "nlvr2"): "Pretrain_nlvr.py + NLVR.py",
 }
 
 # Keys the original script of a route ignores (``load_state_dict(strict=False)``), as
@@ -109,6 +113,11 @@ ORIGINAL_DROPS: dict[tuple[str, str], tuple[str, ...]] = {
     ("pretrain", "nlvr2_ta"): ("teacher.", "queue.", "model.itm_head.", "model.mlm_head."),
     ("nlvr2_ta", "nlvr2"): ("model.temp", "model.vision_proj.", "model.text_proj.",
                             "model.ta_head."),
+    ("pretrain", "nlvr2"): (
+        "model.temp", "queue.", "model.vision_proj.", "model.text_proj.",
+        "teacher.vision_proj.", "teacher.text_proj.", "model.itm_head.",
+        "model.mlm_head.", "teacher.mlm_head.",
+    ),
 }
 
 # New heads of a route: fresh in the task, as in the original.
@@ -116,6 +125,7 @@ NEW_HEADS: dict[tuple[str, str], tuple[str, ...]] = {
     ("pretrain", "snli_ve"): ("model.cls_head.", "teacher.cls_head."),
     ("pretrain", "nlvr2_ta"): ("model.ta_head.",),
     ("nlvr2_ta", "nlvr2"): ("model.cls_head.", "teacher.cls_head."),
+    ("pretrain", "nlvr2"): ("model.cls_head.", "teacher.cls_head."),
 }
 
 
@@ -466,7 +476,7 @@ def route_targets(key: str, source: str, target: str) -> list[str]:
             return [key, f"{owner}.answer_decoder.{rest.removeprefix('fusion_encoder.')}"]
         if rest.startswith("mlm_head."):
             return [key, f"{owner}.answer_decoder.lm_head.{rest.removeprefix('mlm_head.')}"]
-    if (source, target) == ("pretrain", "nlvr2_ta"):
+    if (source, target) in (("pretrain", "nlvr2_ta"), ("pretrain", "nlvr2")):
         m = re.fullmatch(r"fusion_encoder\.layers\.(\d+)\.(.+)", rest)
         if m:
             j, tail = int(m.group(1)), m.group(2)
@@ -951,6 +961,8 @@ TASKS = {
     "retrieval": "albef_pl.tasks.retrieval:RetrievalTask",
     "ve": "albef_pl.tasks.ve:VisualEntailmentTask",
     "vqa": "albef_pl.tasks.vqa:VQATask",
+    "nlvr2_ta": "albef_pl.tasks.nlvr2:NLVR2TextAssignmentTask",
+    "nlvr2": "albef_pl.tasks.nlvr2:NLVR2Task",
     "grounding": "albef_pl.tasks.grounding:GroundingTask",
 }
 
@@ -979,6 +991,15 @@ def task_kwargs_for(
     # right for every released ALBEF checkpoint (ViT-B/16 and BERT-base, 12 heads each).
     """
     s = infer_sizes(_strip(state))
+    try:
+        layout = detect_layout(_strip(state))
+    except ValueError:  # not an ALBEF file: loading it reports that, naming the file
+        layout = None
+    if layout in ("nlvr2_ta", "nlvr2"):
+        # NLVR2 tasks are configured with the pre-trained BERT's depth and double its fusion
+        # layers themselves (2 * (L - k) pair layers).
+        s = dataclasses.replace(
+            s, num_hidden_layers=s.fusion_layer + (s.num_hidden_layers - s.fusion_layer) // 2)
     grid = round(s.num_patches**0.5)
     vision = dict(
         model_name="vit_base_patch16_224", img_size=img_size or grid * s.patch_size,

@@ -5,6 +5,7 @@ from albef_pl.models.text import (
     AnswerDecoder,
     FusionEncoder,
     MLMHead,
+    PairFusionEncoder,
     TextConfig,
     TextEncoder,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "AnswerDecoder",
     "FusionEncoder",
     "MLMHead",
+    "PairFusionEncoder",
     "TextConfig",
     "TextEncoder",
     "VisionConfig",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,13 @@ class ALBEF(nn.Module):
         self,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """Fusion layers over text states attending to image tokens: (B, L, D)."""
+        """Fusion layers over text states attending to image tokens: (B, L, D).
+
+        ``image_embeds`` is one (B, N, Dv) tensor, or a pair of them when the fusion encoder
+        is a :class:`~albef_pl.models.text.PairFusionEncoder` (NLVR2).
+        """
         return self.fusion_encoder(text_embeds, attention_mask, image_embeds)
 
     def itm_logits(

@@ -15,6 +15,7 @@ so BERT and official ALBEF weights load by renaming only the layer index.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -321,6 +322,72 @@ class FusionEncoder(nn.Module):
         return _run_layers(
             self.layers, text_embeds, self.grad_checkpointing, mask, image_embeds, img_mask
         )
+
+
+class PairFusionEncoder(FusionEncoder):
+    """NLVR2's fusion encoder: the text attends to two images, alternating layer by layer.
+
+    Layer ``i`` cross-attends to image ``i % 2`` (even layers to the left image, odd layers
+    to the right one). The two cross-attentions of a pair (layers ``2j``, ``2j + 1``) share
+    their key and value projections: the same ``nn.Linear`` objects are registered in both
+    layers, so the state dict holds both names (with equal values, as the original's does),
+    while ``parameters()`` and the optimizer see each tensor once. Queries, cross-attention
+    outputs, self-attention and feed-forward stay separate.
+
+    Args:
+        cfg: BERT sizes.
+        num_layers: fusion layers, an even number (twice the pre-trained fusion layers).
+        encoder_width: width of the image tokens.
+        grad_checkpointing: recompute layer activations in backward.
+    """
+
+    def __init__(
+        self, cfg: BertConfig, num_layers: int, encoder_width: int, grad_checkpointing=False
+    ) -> None:
+        if num_layers < 2 or num_layers % 2:
+            raise ValueError(f"a pair fusion encoder needs an even number of layers, got "
+                             f"{num_layers}")
+        super().__init__(cfg, num_layers, encoder_width, grad_checkpointing)
+        self.share_key_value()
+
+    def share_key_value(self) -> None:
+        """Make each even layer use its odd partner's cross-attention key and value."""
+        for j in range(0, len(self.layers), 2):
+            even = self.layers[j].crossattention.self
+            odd = self.layers[j + 1].crossattention.self
+            even.key, even.value = odd.key, odd.value
+
+    @torch.no_grad()
+    def duplicate_from(self, fusion: FusionEncoder) -> None:
+        """Start layers ``2j`` and ``2j + 1`` from layer ``j`` of a one-image ``fusion``."""
+        if 2 * len(fusion.layers) != len(self.layers):
+            raise ValueError(f"{len(fusion.layers)} fusion layers cannot fill "
+                             f"{len(self.layers)} pair layers")
+        for j, layer in enumerate(fusion.layers):
+            state = layer.state_dict()
+            self.layers[2 * j].load_state_dict(state)
+            self.layers[2 * j + 1].load_state_dict(state)
+
+    def forward(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: Sequence[torch.Tensor],
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fuse (B, L, D) text states with two (B, N, Dv) image-token tensors -> (B, L, D)."""
+        if len(image_embeds) != 2:
+            raise ValueError(f"expected the tokens of 2 images, got {len(image_embeds)}")
+        mask = additive_mask(attention_mask, text_embeds.dtype)
+        img_mask = None if image_mask is None else additive_mask(image_mask, text_embeds.dtype)
+        x = text_embeds
+        for i, layer in enumerate(self.layers):
+            image = image_embeds[i % 2]  # even layers: left image; odd layers: right image
+            if self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(layer, x, mask, image, img_mask, use_reentrant=False)
+            else:
+                x = layer(x, mask, image, img_mask)
+        return x
 
 
 class MLMHead(nn.Module):

@@ -79,6 +79,8 @@ class ALBEFTask(L.LightningModule):
     queue_with_idx = False
     #: Build the ITC feature queues (tasks without ITC, such as SNLI-VE, have none).
     uses_queue = True
+    #: Keep a momentum teacher (NLVR2 text assignment has none).
+    uses_teacher = True
 
     def __init__(
         self,
@@ -128,7 +130,7 @@ class ALBEFTask(L.LightningModule):
 
         self.model = ALBEF(vision, text, embed_dim, temp, init_weights=init_weights)
         self.configure_heads()
-        self.teacher = make_teacher(self.model)
+        self.teacher = make_teacher(self.model) if self.uses_teacher else None
         self.queue = (
             FeatureQueue(
                 embed_dim, queue_size, with_idx=self.queue_with_idx, start_empty=empty_queue
@@ -194,7 +196,9 @@ class ALBEFTask(L.LightningModule):
     def configure_callbacks(self):
         from albef_pl.callbacks import MomentumTeacher
 
-        if any(isinstance(c, MomentumTeacher) for c in self.trainer.callbacks):
+        if not self.uses_teacher or any(
+            isinstance(c, MomentumTeacher) for c in self.trainer.callbacks
+        ):
             return []
         return [MomentumTeacher()]
 

@@ -55,6 +55,10 @@ class VisualEntailmentTask(ALBEFTask):
     uses_queue = False
     clamp_temp = False
     num_classes = len(LABELS)
+    #: Name of each class index, as written in predictions.
+    label_names: tuple[str, ...] = LABEL_NAMES
+    #: File that ``predict`` writes under ``predict_dir``.
+    predictions_file = "ve_predictions.json"
 
     def __init__(
         self,
@@ -166,23 +170,27 @@ class VisualEntailmentTask(ALBEFTask):
             return []
         logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
         probs = logits.float().softmax(dim=1).cpu()
-        rows = []
+        rows, names = [], self.label_names
         for i, p in enumerate(probs.tolist()):
             pred = max(range(self.num_classes), key=p.__getitem__)
             row = {
                 "index": int(batch["index"][i]),
-                "image": batch["image_path"][i],
-                "sentence": batch["sentence"][i],
-                "prediction": LABEL_NAMES[pred],
-                "probabilities": {name: round(p[c], 6) for c, name in enumerate(LABEL_NAMES)},
+                **self.entry_fields(batch, i),
+                "prediction": names[pred],
+                "probabilities": {name: round(p[c], 6) for c, name in enumerate(names)},
             }
             label = int(batch["label"][i])
             if label >= 0:
-                row["label"] = LABEL_NAMES[label]
+                row["label"] = names[label]
                 row["correct"] = pred == label
             rows.append(row)
         self._predictions.extend(rows)
         return rows
+
+    @staticmethod
+    def entry_fields(batch: dict[str, Any], i: int) -> dict[str, Any]:
+        """What a prediction row says about sample ``i`` of ``batch`` (image and text)."""
+        return {"image": batch["image_path"][i], "sentence": batch["sentence"][i]}
 
     def on_predict_epoch_end(self) -> None:
         rows = self._predictions
@@ -198,9 +206,9 @@ class VisualEntailmentTask(ALBEFTask):
         accuracy = sum(r["correct"] for r in labelled) / len(labelled) if labelled else None
         out_dir = self._predict_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "ve_predictions.json"
+        path = out_dir / self.predictions_file
         with open(path, "w") as f:
-            json.dump({"labels": list(LABEL_NAMES), "accuracy": accuracy,
+            json.dump({"labels": list(self.label_names), "accuracy": accuracy,
                        "predictions": rows}, f, indent=1)
         _logger.info("%d predictions written to %s (accuracy %s)", len(rows), path, accuracy)
 
