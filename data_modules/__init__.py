@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from data_modules.grounding import GroundingDataModule
     from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
     from data_modules.retrieval import RetrievalDataModule
     from data_modules.shards import SKIP_REASONS, EpochLoader, ShardStream
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "PretrainDataModule": "data_modules.pretrain",
     "SkippedSamplesLogger": "data_modules.pretrain",
+    "GroundingDataModule": "data_modules.grounding",
     "RetrievalDataModule": "data_modules.retrieval",
     "SKIP_REASONS": "data_modules.shards",
     "EpochLoader": "data_modules.shards",
@@ -30,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "SKIP_REASONS",
     "EpochLoader",
+    "GroundingDataModule",
     "PretrainDataModule",
     "RetrievalDataModule",
     "ShardStream",
