@@ -9,7 +9,8 @@ STAMP := $(VENV)/.albef_pl_installed
 
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
         finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
-        finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample bench bench-quick clean
+        finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample \
+        finetune-grounding finetune-grounding-sample bench bench-quick clean
 
 install: $(STAMP)
 
@@ -84,6 +85,15 @@ finetune-vqa-sample: install
 	$(CLI) fit --config conf/finetune/vqa_sample.yaml --data.vqa_root $(SHARED)/data/vl_tasks \
 	  --data.vg_root $(SHARED)/data/vl_tasks --data.train_files '[$(VQA_SAMPLE)]' \
 	  --data.val_file $(VQA_SAMPLE) --data.test_file $(VQA_SAMPLE) $(ARGS)
+
+finetune-grounding: install
+	$(CLI) fit --config conf/finetune/grounding.yaml $(ARGS)
+
+GROUNDING_SAMPLE := $(SHARED)/data/coco_sample/instances_val2017_subset100.json
+finetune-grounding-sample: install
+	@test -f $(GROUNDING_SAMPLE) || { echo "$(SHARED)/data/coco_sample not found: set SHARED=/path/to/shared"; exit 1; }
+	$(CLI) fit --config conf/finetune/grounding_sample.yaml \
+	  --data.image_root $(SHARED)/data/coco_sample/images --data.coco_instances $(GROUNDING_SAMPLE) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py --out bench_results
