@@ -352,6 +352,11 @@ def test_cli_fit_validate_and_test_per_split_on_the_coco_sample(tmp_path, monkey
     last = tmp_path / "ckpt" / "last.ckpt"
     val = run_cli(["validate", *base, "--ckpt_path", str(last)])
     assert float(val.trainer.callback_metrics["val/acc"]) == pytest.approx(acc)
+    # The Grad-CAM options are evaluation options: --ckpt_path does not override them.
+    itc = run_cli(["validate", *base, "--ckpt_path", str(last), "--model.gradcam_mode", "itc",
+                   "--model.block_num", "1"])
+    assert (itc.model.hparams.gradcam_mode, itc.model.hparams.block_num) == ("itc", 1)
+    assert 0 <= float(itc.trainer.callback_metrics["val/acc"]) <= 1
 
     # A reference file in the RefCOCO+ layout with two subsets: one accuracy per subset.
     refs = refs_from_coco_instances(INSTANCES)["val"]
