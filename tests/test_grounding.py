@@ -193,7 +193,32 @@ def test_block_num_must_name_a_layer_of_the_mode():
         GroundingTask(**common, gradcam_mode="itc", block_num=2)
     with pytest.raises(ValueError, match="gradcam_mode"):
         GroundingTask(**common, gradcam_mode="cam")
-    assert GroundingTask(**common, gradcam_mode="itc", block_num=-2).hparams.block_num == -2
+    assert GroundingTask(**common, gradcam_mode="itc", block_num=-2).block_num == -2
+    # Unset: the same relative depth as the original's 8 (of 6 text + 6 fusion layers).
+    assert GroundingTask(**common).block_num == 2  # 2 text + (2 fusion - 1) // 2
+    assert GroundingTask(**common, gradcam_mode="itc").block_num == 1  # 2/3 of 2 blocks
+    six_six = GroundingTask(**{**common, "text": tiny_text(num_hidden_layers=12,
+                                                            num_text_layers=6)})
+    assert six_six.block_num == 8
+
+
+def test_official_grounding_checkpoint_converts_to_a_grounding_task(tmp_path):
+    from albef_pl.convert import export_official
+    from albef_pl.convert import main as convert
+    from albef_pl.tasks.grounding import GroundingTask
+
+    torch.manual_seed(0)
+    src = GroundingTask(vision=tiny_vision(), text=tiny_text(), embed_dim=16, queue_size=8,
+                        init_weights=False)
+    official = export_official(src)  # the retrieval layout, as the released refcoco.pth
+    assert not any(k.startswith("mlm") for k in official)
+    torch.save({"model": official}, tmp_path / "refcoco.pth")
+    assert convert([str(tmp_path / "refcoco.pth"), str(tmp_path / "refcoco.ckpt"),
+                    "--task", "grounding", "--vision-heads", "2", "--text-heads", "2"]) == 0
+    loaded = GroundingTask.load_from_checkpoint(tmp_path / "refcoco.ckpt", map_location="cpu")
+    assert loaded.hparams.gradcam_mode == "itm" and loaded.block_num == 2
+    for key, value in src.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ class GroundingTask(RetrievalTask):
             ``itc`` (the [CLS] row of a ViT block's self-attention).
         block_num: with ``itm`` a BERT layer index counted over text then fusion layers (8 =
             the third fusion layer of ALBEF's 6 + 6 split, the original's setting); with
-            ``itc`` a ViT block index.
+            ``itc`` a ViT block index. ``None``: the layer at the same relative depth, i.e.
+            text layers + (fusion layers - 1) // 2 (8 for BERT-base) with ``itm``, and
+            2/3 of the ViT's depth (8 of 12) with ``itc``.
         num_examples: expressions kept from each validation for the heat-map picture
             (``GroundingExamplesPlotter``).
         **kwargs: see :class:`RetrievalTask` (its ``k_test``, ``rerank`` ... are unused here).
@@ -83,7 +85,7 @@ class GroundingTask(RetrievalTask):
         self,
         *args: Any,
         gradcam_mode: str = "itm",
-        block_num: int = 8,
+        block_num: int | None = None,
         num_examples: int = 6,
         **kwargs: Any,
     ) -> None:
@@ -98,14 +100,24 @@ class GroundingTask(RetrievalTask):
         self._counts: dict[str, list[float]] = {}
         self.grounding_examples: list[GroundingExample] = []
 
-    def _check_block(self) -> None:
+    @property
+    def block_num(self) -> int:
+        """The layer (``itm``) or ViT block (``itc``) whose attention makes the map."""
         h = self.hparams
+        if h.block_num is not None:
+            return int(h.block_num)
         if h.gradcam_mode == "itm":
-            fusion_attention(self.model, h.block_num)  # raises naming the valid range
+            num_text = len(self.model.text_encoder.layers)
+            return num_text + (len(self.model.fusion_encoder.layers) - 1) // 2
+        return 2 * len(self.model.visual_encoder.blocks) // 3
+
+    def _check_block(self) -> None:
+        if self.hparams.gradcam_mode == "itm":
+            fusion_attention(self.model, self.block_num)  # raises naming the valid range
             return
         depth = len(self.model.visual_encoder.blocks)
-        if not -depth <= h.block_num < depth:
-            raise ValueError(f"model.block_num={h.block_num} is not a ViT block "
+        if not -depth <= self.block_num < depth:
+            raise ValueError(f"model.block_num={self.block_num} is not a ViT block "
                              f"(gradcam_mode itc; the ViT has {depth} blocks)")
 
     # ---- evaluation
@@ -120,7 +132,7 @@ class GroundingTask(RetrievalTask):
         self.model.eval()  # deterministic maps (no dropout), whatever the caller's mode
         try:
             cam = gradcam(self.model, batch["image"], batch["input_ids"],
-                          batch["attention_mask"], h.gradcam_mode, h.block_num)
+                          batch["attention_mask"], h.gradcam_mode, self.block_num)
         finally:
             self.model.train(was_training)
         cam = cam.detach().float().cpu()
