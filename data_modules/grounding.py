@@ -364,6 +364,8 @@ class GroundingDataModule(ListedDataModule):
         for ref in entries:  # one id per image file: every expression of it is a positive
             ref.idx = ids.setdefault(ref.image, len(ids))
         if split == "train":
+            # NOTE: the flip is the original's, although an expression may say "left" or
+            # "right" of a flipped image; data.hflip false turns it off.
             # NOTE: grounding trains on whole images (resize, no crop), unlike the crop of the
             # other fine-tunes, so that the referred object is always in the picture.
             transform = grounding_transform(h.image_size, hflip=h.hflip)
@@ -381,6 +383,9 @@ class GroundingDataModule(ListedDataModule):
                      proposals)
 
     # ---- loaders
+    # NOTE: expressions are tokenized with truncation at max_length (every tokenizer call here
+    # truncates); the original passes max_length=30 without truncation=True, so a longer
+    # expression (more than 29 word pieces in its 30 words) was not cut there.
     def _train_collate(self) -> GroundingCollate:
         h = self.hparams
         return GroundingCollate(CaptionTokenizer(h.tokenizer, h.max_length, h.append_sep),

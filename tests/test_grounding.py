@@ -383,6 +383,13 @@ def test_cli_fit_validate_and_test_per_split_on_the_coco_sample(tmp_path, monkey
     assert (itc.model.hparams.gradcam_mode, itc.model.hparams.block_num) == ("itc", 1)
     assert 0 <= float(itc.trainer.callback_metrics["val/acc"]) <= 1
 
+    run_cli(["predict", *base, "--ckpt_path", str(last),
+             "--model.predict_dir", str(tmp_path / "pred")])
+    pred = json.loads((tmp_path / "pred" / "grounding_predictions.json").read_text())
+    assert len(pred["expressions"]) == 38 and pred["acc"] == pytest.approx(acc)
+    assert all(e["correct"] == (e["iou"] >= 0.5) and len(e["box"]) == 4
+               for e in pred["expressions"])
+
     # A reference file in the RefCOCO+ layout with two subsets: one accuracy per subset.
     refs = refs_from_coco_instances(INSTANCES)["val"]
     entries = [{"ref_id": r.ref_id, "image": Path(r.image).name, "text": r.text,
