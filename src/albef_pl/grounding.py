@@ -31,9 +31,11 @@ from albef_pl.models.text import MultiHeadAttention
 
 __all__ = [
     "GRADCAM_MODES",
+    "IOU_THRESHOLD",
     "best_box",
     "box_iou_inclusive",
     "box_scores",
+    "fusion_attention",
     "gradcam",
     "itc_gradcam",
     "itm_gradcam",
