@@ -10,7 +10,8 @@ STAMP := $(VENV)/.albef_pl_installed
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
         finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
         finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample \
-        finetune-nlvr2-ta finetune-nlvr2 finetune-nlvr2-sample bench bench-quick clean
+        finetune-nlvr2-ta finetune-nlvr2 finetune-nlvr2-sample \
+        finetune-grounding finetune-grounding-sample bench bench-quick clean
 
 install: $(STAMP)
 
@@ -97,6 +98,15 @@ finetune-nlvr2-sample: install
 	@test -f $(NLVR2_SAMPLE) || { echo "$(SHARED)/data/vl_tasks not found: set SHARED=/path/to/shared"; exit 1; }
 	$(CLI) fit --config conf/finetune/nlvr2_sample.yaml --data.image_root $(SHARED)/data/vl_tasks \
 	  --data.train_file $(NLVR2_SAMPLE) --data.val_file $(NLVR2_SAMPLE) --data.test_file $(NLVR2_SAMPLE) $(ARGS)
+
+finetune-grounding: install
+	$(CLI) fit --config conf/finetune/grounding.yaml $(ARGS)
+
+GROUNDING_SAMPLE := $(SHARED)/data/coco_sample/instances_val2017_subset100.json
+finetune-grounding-sample: install
+	@test -f $(GROUNDING_SAMPLE) || { echo "$(SHARED)/data/coco_sample not found: set SHARED=/path/to/shared"; exit 1; }
+	$(CLI) fit --config conf/finetune/grounding_sample.yaml \
+	  --data.image_root $(SHARED)/data/coco_sample/images --data.coco_instances $(GROUNDING_SAMPLE) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py --out bench_results

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from data_modules.grounding import GroundingDataModule
     from data_modules.nlvr2 import NLVR2DataModule
     from data_modules.pretrain import PretrainDataModule, SkippedSamplesLogger
     from data_modules.retrieval import RetrievalDataModule
@@ -21,6 +22,7 @@ _EXPORTS = {
     "NLVR2DataModule": "data_modules.nlvr2",
     "PretrainDataModule": "data_modules.pretrain",
     "SkippedSamplesLogger": "data_modules.pretrain",
+    "GroundingDataModule": "data_modules.grounding",
     "RetrievalDataModule": "data_modules.retrieval",
     "SKIP_REASONS": "data_modules.shards",
     "EpochLoader": "data_modules.shards",
@@ -32,6 +34,7 @@ _EXPORTS = {
 __all__ = [
     "SKIP_REASONS",
     "EpochLoader",
+    "GroundingDataModule",
     "NLVR2DataModule",
     "PretrainDataModule",
     "RetrievalDataModule",

@@ -22,7 +22,9 @@ from albef_pl.errors import DataError
 #: the command line. LightningCLI otherwise replaces every model option with the value saved
 #: in the checkpoint, so ``--model.result_dir`` or ``--model.k_test`` at test time were
 #: silently ignored (and results written over the training run's).
-RUNTIME_MODEL_OPTIONS: tuple[str, ...] = ("result_dir", "predict_dir", "k_test")
+RUNTIME_MODEL_OPTIONS: tuple[str, ...] = (
+    "result_dir", "predict_dir", "k_test", "gradcam_mode", "block_num", "num_examples",
+)
 
 
 def _model_args(cfg):

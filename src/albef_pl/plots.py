@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: loss curves, retrieval examples."""
+"""Pictures people would rather look at than read: loss curves, retrieval examples,
+grounding heat maps."""
 
 from __future__ import annotations
 
@@ -210,6 +211,73 @@ class RetrievalExamplesPlotter(Callback):
         plt.close(fig)
         return path, hits
 
+
+
+class GroundingExamplesPlotter(Callback):
+    """Writes ``grounding_examples.png`` after every validation of a grounding task.
+
+    One row per expression kept by :class:`albef_pl.tasks.grounding.GroundingTask` (its
+    ``grounding_examples``, the first ``num_examples`` of the validation set): the image,
+    then the Grad-CAM heat map over it, both with the ground-truth box in green and the
+    chosen proposal in red, titled with the expression and the IoU.
+
+    Args:
+        filename: file written into the run's log directory (overwritten every epoch).
+    """
+
+    def __init__(self, filename: str = "grounding_examples.png") -> None:
+        self.filename = filename
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        examples = getattr(pl_module, "grounding_examples", None)
+        if trainer.sanity_checking or not trainer.is_global_zero or not examples:
+            return
+        path = plot_grounding_examples(
+            examples, Path(trainer.log_dir or trainer.default_root_dir) / self.filename,
+            title=f"epoch {trainer.current_epoch}: green = ground truth, red = chosen box",
+        )
+        _logger.info("grounding heat maps written to %s", path)
+
+
+def plot_grounding_examples(examples: list, path: Path, title: str = "") -> Path:
+    """Draw grounding examples (objects with ``image_path``, ``text``, ``cam`` (h, w),
+    ``bbox`` and ``chosen`` [x, y, w, h], ``iou``, ``width``, ``height``) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    from albef_pl.grounding import upsample_map
+
+    fig, axes = plt.subplots(len(examples), 2, figsize=(7, 3.2 * len(examples)), dpi=90,
+                             squeeze=False)
+    for row, ex in enumerate(examples):
+        try:
+            with Image.open(ex.image_path) as img:
+                picture = img.convert("RGB").resize((ex.width, ex.height))
+        except OSError:
+            picture = Image.new("RGB", (ex.width, ex.height), "gray")
+        heat = upsample_map(ex.cam, ex.width, ex.height)
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        for col, ax in enumerate(axes[row]):
+            ax.imshow(picture)
+            if col == 1:
+                ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
+            for box, colour in ((ex.bbox, "lime"), (ex.chosen, "red")):
+                ax.add_patch(Rectangle((box[0], box[1]), box[2], box[3], fill=False,
+                                       edgecolor=colour, linewidth=2))
+            ax.axis("off")
+        axes[row, 0].set_title(f'"{ex.text}"', fontsize=9)
+        axes[row, 1].set_title(f"Grad-CAM; IoU {ex.iou:.2f}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 def _tokenizer(trainer: L.Trainer):
     """The data module's Hugging Face tokenizer, or the offline default."""

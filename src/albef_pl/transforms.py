@@ -33,6 +33,7 @@ __all__ = [
     "ResizeRGB",
     "eval_transform",
     "finetune_transform",
+    "grounding_transform",
     "normalize_images",
     "pretrain_transform",
 ]
@@ -389,3 +390,27 @@ def eval_transform(
         A callable from a PIL image (decoded or not) to a tensor (3, S, S).
     """
     return T.Compose([ResizeRGB(image_size, reduced_decode=reduced_decode), *_to_tensor(normalize)])
+
+
+def grounding_transform(
+    image_size: int = 384,
+    hflip: bool = True,
+    reduced_decode: bool = DEFAULT_REDUCED_DECODE,
+    normalize: bool = True,
+) -> T.Compose:
+    """The grounding fine-tuning transform: resize to (S, S) without cropping (the referred
+    object must stay in the picture), horizontal flip, RandomAugment(2, 7), normalise.
+
+    Args:
+        image_size: Output side length.
+        hflip: Include the random horizontal flip (the original does, although expressions
+            may say "left" or "right").
+        reduced_decode: Allow reduced-size JPEG decoding.
+        normalize: End with ToTensor + Normalize (float32), else with a uint8 tensor.
+
+    Returns:
+        A callable from a PIL image (decoded or not) to a tensor (3, S, S).
+    """
+    flip = [T.RandomHorizontalFlip()] if hflip else []
+    return T.Compose([ResizeRGB(image_size, reduced_decode=reduced_decode), *flip,
+                      RandomAugment(2, 7), *_to_tensor(normalize)])

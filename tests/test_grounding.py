@@ -1,0 +1,431 @@
+"""Weakly supervised grounding: box scoring, IoU, Grad-CAM maps, data, and the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from albef_pl.grounding import (
+    _itm_map,
+    best_box,
+    box_iou_inclusive,
+    box_scores,
+    gradcam,
+    upsample_map,
+)
+from albef_pl.models import ALBEF
+from conftest import ROOT, SHARED, requires_shared, tiny_text, tiny_vision
+from data_modules.grounding import (
+    GroundingDataModule,
+    read_grounding_json,
+    refs_from_coco_instances,
+)
+
+SAMPLE_CONF = ROOT / "conf/finetune/grounding_sample.yaml"
+PAPER_CONF = ROOT / "conf/finetune/grounding.yaml"
+INSTANCES = SHARED / "data/coco_sample/instances_val2017_subset100.json"
+SAMPLE_IMAGES = SHARED / "data/coco_sample/images"
+
+
+# ---------------------------------------------------------------------------------------------
+# Box scoring and IoU, by hand
+def test_the_box_holding_the_mass_wins():
+    heat = torch.zeros(20, 20)
+    heat[5:10, 5:10] = 1.0  # 25 units of mass in a 5x5 square at x 5..9, y 5..9
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [5.0, 5.0, 5.0, 5.0], [12.0, 0.0, 8.0, 8.0]])
+    scores = box_scores(heat, boxes)
+    torch.testing.assert_close(scores, torch.tensor([25 / 20, 25 / 5, 0.0]))
+    assert int(scores.argmax()) == 1
+
+
+def test_square_root_area_normalisation_picks_what_sum_and_mean_would_not():
+    heat = torch.full((100, 100), 0.05)
+    heat[:10, :10] = 1.0
+    heat[:2, :2] = 2.0  # a tiny hotter spot inside the object
+    obj, whole, spot = [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 2.0, 2.0]
+    scores = box_scores(heat, torch.tensor([obj, whole, spot]))
+    # sums 104, 599, 8 over areas 100, 10000, 4
+    torch.testing.assert_close(scores, torch.tensor([104 / 10, 599 / 100, 8 / 2]))
+    assert int(scores.argmax()) == 0  # the object
+    sums = scores * torch.tensor([10.0, 100.0, 2.0])
+    means = scores / torch.tensor([10.0, 100.0, 2.0])
+    assert int(sums.argmax()) == 1 and int(means.argmax()) == 2  # the whole image, the spot
+
+
+def test_box_coordinates_are_truncated_and_clipped_to_the_map():
+    heat = torch.arange(100.0).view(10, 10)
+    whole = box_scores(heat, torch.tensor([[0.7, 0.2, 10.9, 10.4]]))  # -> (0, 0, 10, 10)
+    torch.testing.assert_close(whole, torch.tensor([heat.sum() / 10]))
+    corner = box_scores(heat, torch.tensor([[8.0, 8.0, 4.0, 4.0]]))  # 2x2 inside, area 16
+    torch.testing.assert_close(corner, torch.tensor([(88 + 89 + 98 + 99) / 4.0]))
+    sliver = box_scores(heat, torch.tensor([[3.0, 4.0, 0.4, 1.0]]))  # width 0 -> 1 pixel
+    torch.testing.assert_close(sliver, torch.tensor([43.0]))
+
+
+def test_iou_inclusive_pixel_convention_by_hand():
+    a = torch.tensor([0.0, 0.0, 10.0, 10.0])
+    others = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],   # the same box
+        [5.0, 0.0, 10.0, 10.0],   # half overlap: 5x10 of 100 + 100 - 50
+        [8.0, 0.0, 10.0, 10.0],   # pixels 8..9 shared: 2x10 of 180
+        [9.0, 0.0, 10.0, 10.0],   # one shared pixel column: counts as no overlap
+        [20.0, 20.0, 5.0, 5.0],   # apart
+        [2.0, 2.0, 4.0, 4.0],     # inside: 16 of 100
+    ])
+    iou = box_iou_inclusive(others, a[None])
+    expected = torch.tensor([1.0, 50 / 150, 20 / 180, 0.0, 0.0, 16 / 100])
+    torch.testing.assert_close(iou, expected)
+
+
+def test_best_box_on_an_upsampled_patch_map():
+    cam = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # mass in the bottom-right patch
+    proposals = torch.tensor([[0.0, 0.0, 30.0, 20.0], [30.0, 20.0, 30.0, 20.0],
+                              [0.0, 20.0, 30.0, 20.0]])
+    k, heat = best_box(cam, proposals, width=60, height=40)
+    assert heat.shape == (40, 60) and k == 1
+    flat = upsample_map(torch.full((3, 3), 0.25), width=7, height=5)
+    torch.testing.assert_close(flat, torch.full((5, 7), 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM
+def test_itm_map_averages_real_tokens_only_by_hand():
+    probs = torch.full((1, 2, 3, 5), 0.2)  # (B, heads, L, 1 + 4 patches)
+    grads = torch.ones(1, 2, 3, 5)
+    grads[0, 0, 0] = torch.tensor([9.0, 1.0, -1.0, 2.0, 0.0])
+    grads[0, 0, 1] = torch.tensor([9.0, 0.0, 1.0, 1.0, 3.0])
+    grads[0, 0, 2] = torch.tensor([9.0, 5.0, 5.0, 5.0, 5.0])  # the padding token
+    mask = torch.tensor([[1, 1, 0]])
+    cam = _itm_map(probs, grads, mask)
+    # heads averaged: token 0 [.2 .1 .3 .1], token 1 [.1 .2 .2 .4]; padding left out of the
+    # mean (the original would divide by 3 and let it shrink the map).
+    torch.testing.assert_close(cam, torch.tensor([[[0.15, 0.15], [0.25, 0.25]]]))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return ALBEF(tiny_vision(img_size=64), tiny_text(), 16, init_weights=False).eval()
+
+
+def _text(batch: int = 2, length: int = 5):
+    ids = torch.randint(5, 128, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # the second text is shorter
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode,block", [("itm", 2), ("itm", 3), ("itc", 1), ("itc", -1)])
+def test_gradcam_shape_and_sign(tiny_model, mode, block):
+    ids, mask = _text()
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    vit = [(blk.attn.fused_attn, blk.attn.attn_drop) for blk in tiny_model.visual_encoder.blocks]
+    cam = gradcam(tiny_model, image, ids, mask, mode, block)
+    assert cam.shape == (2, 4, 4)  # 64 px / patch 16
+    assert torch.isfinite(cam).all() and (cam >= 0).all() and cam.sum() > 0
+    # Evaluation hooks are undone and no weight gradient is left behind.
+    assert not any(layer.crossattention.self.save_attention
+                   for layer in tiny_model.fusion_encoder.layers)
+    assert vit == [(blk.attn.fused_attn, blk.attn.attn_drop)
+                   for blk in tiny_model.visual_encoder.blocks]
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("mode,block", [("itm", 2), ("itc", 0)])
+def test_padding_tokens_do_not_change_the_map(tiny_model, mode, block):
+    ids, mask = _text()
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    padded_ids = torch.cat([ids, torch.zeros(2, 7, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 7, dtype=torch.long)], dim=1)
+    cam = gradcam(tiny_model, image, ids, mask, mode, block)
+    cam_padded = gradcam(tiny_model, image, padded_ids, padded_mask, mode, block)
+    torch.testing.assert_close(cam_padded, cam, rtol=1e-4, atol=1e-9)
+
+
+def test_gradcam_works_inside_inference_mode(tiny_model):
+    ids, mask = _text()
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for mode, block in (("itm", 2), ("itc", 1)):
+        outside = gradcam(tiny_model, image, ids, mask, mode, block)
+        with torch.inference_mode():
+            inside = gradcam(tiny_model, image, ids, mask, mode, block)
+        torch.testing.assert_close(inside, outside)
+
+
+@pytest.mark.parametrize("mode,block", [("itm", 2), ("itc", 1)])
+def test_the_map_follows_a_planted_patch(mode, block):
+    # Without position embeddings the ViT treats identical patches identically, so on a flat
+    # image the map is flat, except at a planted patch, wherever it is planted.
+    torch.manual_seed(0)
+    model = ALBEF(tiny_vision(img_size=64), tiny_text(), 16, init_weights=False).eval()
+    with torch.no_grad():
+        model.visual_encoder.pos_embed.zero_()
+    ids = torch.randint(5, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    image = torch.full((2, 3, 64, 64), 0.5)
+    cells = [(1, 2), (3, 0)]
+    image[0, :, 16:32, 32:48] = -1.0
+    image[1, :, 48:64, 0:16] = 2.0
+    cam = gradcam(model, image, ids, torch.ones_like(ids), mode, block)
+    distinct = 0
+    for b, (r, c) in enumerate(cells):
+        rest = torch.cat([cam[b].flatten()[: 4 * r + c], cam[b].flatten()[4 * r + c + 1:]])
+        torch.testing.assert_close(rest, rest[:1].expand_as(rest))  # flat off the plant
+        distinct += bool(abs(cam[b, r, c] - rest[0]) > 1e-3 * max(float(cam[b].max()), 1e-12))
+    # ITC's gradients are clamped at zero, which may hide a plant (here one of the two).
+    assert distinct == 2 if mode == "itm" else distinct >= 1
+
+
+def test_block_num_must_name_a_layer_of_the_mode():
+    from albef_pl.tasks.grounding import GroundingTask
+
+    common = dict(vision=tiny_vision(), text=tiny_text(), embed_dim=16, queue_size=8,
+                  init_weights=False)
+    with pytest.raises(ValueError, match=r"not a fusion layer: layers 2\.\.3"):
+        GroundingTask(**common, gradcam_mode="itm", block_num=1)
+    with pytest.raises(ValueError, match="not a ViT block"):
+        GroundingTask(**common, gradcam_mode="itc", block_num=2)
+    with pytest.raises(ValueError, match="gradcam_mode"):
+        GroundingTask(**common, gradcam_mode="cam")
+    assert GroundingTask(**common, gradcam_mode="itc", block_num=-2).block_num == -2
+    # Unset: the same relative depth as the original's 8 (of 6 text + 6 fusion layers).
+    assert GroundingTask(**common).block_num == 2  # 2 text + (2 fusion - 1) // 2
+    assert GroundingTask(**common, gradcam_mode="itc").block_num == 1  # 2/3 of 2 blocks
+    six_six = GroundingTask(**{**common, "text": tiny_text(num_hidden_layers=12,
+                                                            num_text_layers=6)})
+    assert six_six.block_num == 8
+
+
+def test_official_grounding_checkpoint_converts_to_a_grounding_task(tmp_path):
+    from albef_pl.convert import export_official
+    from albef_pl.convert import main as convert
+    from albef_pl.tasks.grounding import GroundingTask
+
+    torch.manual_seed(0)
+    src = GroundingTask(vision=tiny_vision(), text=tiny_text(), embed_dim=16, queue_size=8,
+                        init_weights=False)
+    official = export_official(src)  # the retrieval layout, as the released refcoco.pth
+    assert not any(k.startswith("mlm") for k in official)
+    torch.save({"model": official}, tmp_path / "refcoco.pth")
+    assert convert([str(tmp_path / "refcoco.pth"), str(tmp_path / "refcoco.ckpt"),
+                    "--task", "grounding", "--vision-heads", "2", "--text-heads", "2"]) == 0
+    loaded = GroundingTask.load_from_checkpoint(tmp_path / "refcoco.ckpt", map_location="cpu")
+    assert loaded.hparams.gradcam_mode == "itm" and loaded.block_num == 2
+    for key, value in src.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+def _image(path: Path, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+
+
+def _ref(**kw):
+    ref = {"ref_id": 7, "image": "a.jpg", "text": ["the left dog", "a dog"],
+           "bbox": [2.0, 3.0, 10.0, 12.0], "proposals": [[2, 3, 10, 12, 0.9], [20, 5, 15, 20]],
+           "width": 40, "height": 30, "split": "testA"}
+    ref.update(kw)
+    return ref
+
+
+def _write(path: Path, entries) -> str:
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_reference_file_layout_and_every_text_is_a_sample(tmp_path):
+    f = _write(tmp_path / "refs.json", [_ref(), _ref(ref_id=8, text="cat", split="testB")])
+    refs = read_grounding_json(f, "root")
+    assert [(r.ref_id, r.text, r.split, r.index) for r in refs] == [
+        (7, "the left dog", "testA", 0), (7, "a dog", "testA", 1), (8, "cat", "testB", 2)]
+    assert refs[0].image == "root/a.jpg" and refs[0].bbox == [2.0, 3.0, 10.0, 12.0]
+    assert refs[0].proposals == [[2.0, 3.0, 10.0, 12.0], [20.0, 5.0, 15.0, 20.0]]
+    train = read_grounding_json(_write(tmp_path / "t.json", [{"image": "a.jpg", "text": "x"}]),
+                                with_boxes=False)
+    assert train[0].bbox is None and train[0].split == "val"
+
+
+@pytest.mark.parametrize("entry,message", [
+    (_ref(bbox=[30.0, 3.0, 20.0, 12.0]), r"refs\.json: entry 0 \(ref_id 7, image 'a\.jpg'\), "
+                                         r"bbox: box .* lies outside the 40x30 image"),
+    (_ref(proposals=[]), r"entry 0 \(ref_id 7.* has no proposals"),
+    (_ref(proposals=[[1, 1, 0, 5]]), r"proposal 0: box .* has no area"),
+    (_ref(proposals=[[1, 1, 5]]), r"proposal 0: \[1, 1, 5\] is not a box"),
+    ({k: v for k, v in _ref().items() if k != "width"}, r"ref_id 7.* has no 'width'"),
+    ({"image": "a.jpg"}, r"entry 0 .* lacks an 'image' string or a 'text'"),
+])
+def test_bad_reference_entries_name_the_file_and_entry(tmp_path, entry, message):
+    f = _write(tmp_path / "refs.json", [entry])
+    with pytest.raises(ValueError, match=message):
+        read_grounding_json(f)
+
+
+def test_data_module_missing_files_unreadable_images_and_shared_ids(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="data.val_file: no file at"):
+        GroundingDataModule(str(tmp_path), val_file=str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match="data.coco_instances: no file at .*nope"):
+        GroundingDataModule(str(tmp_path), coco_instances=str(tmp_path / "nope.json"))
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    train = _write(tmp_path / "train.json", [
+        {"image": "a.jpg", "text": "dog"}, {"image": "a.jpg", "text": "cat"},
+        {"image": "gone.jpg", "text": "bird"}, {"image": "broken.jpg", "text": "cow"}])
+    val = _write(tmp_path / "val.json", [_ref(), _ref(image="broken.jpg", ref_id=9)])
+    with pytest.raises(ValueError, match="coco_instances builds every split"):
+        GroundingDataModule(str(tmp_path), train_file=train, coco_instances=val)
+    dm = GroundingDataModule(str(tmp_path), train_file=train, val_file=val, image_size=32,
+                             batch_size=4, eval_batch_size=4, num_workers=0, pin_memory=False,
+                             drop_last=False)
+    dm.setup("fit")
+    assert dm.skipped_counts("train")["missing_image"] == 1 and "gone.jpg" in caplog.text
+
+    batch = dm.train_dataloader().collate_fn([dm.datasets["train"][i] for i in range(3)])
+    assert batch["text"] == ["dog", "cat"] and batch["num_skipped"] == 1  # "cow" is broken
+    assert batch["idx"].tolist() == [0, 0]  # two expressions of one image: one id
+    assert "unreadable image" in caplog.text and "broken.jpg" in caplog.text
+
+    val_batch = next(iter(dm.val_dataloader()))
+    assert val_batch["num_skipped"] == 2 and val_batch["ref_id"] == [7, 7]  # two texts each
+    assert val_batch["bbox"].shape == (2, 4) and val_batch["size"].tolist() == [[40, 30]] * 2
+    assert [p.shape for p in val_batch["proposals"]] == [(2, 4), (2, 4)]
+    assert val_batch["split"] == ["testA", "testA"]
+
+
+@requires_shared
+def test_coco_instances_sample():
+    split = refs_from_coco_instances(INSTANCES, str(SAMPLE_IMAGES))
+    train, val = split["train"], split["val"]
+    assert (len(train), len({r.image for r in train})) == (136, 67)
+    assert (len(val), len({r.image for r in val})) == (38, 16)
+    assert not {r.image for r in train} & {r.image for r in val}
+    data = json.loads(INSTANCES.read_text())
+    names = {c["name"] for c in data["categories"]}
+    for ref in val:
+        assert ref.text in names and len(ref.proposals) >= 3
+        assert ref.bbox in ref.proposals  # the ground truth is one of the proposals
+        same_image = [r.text for r in val if r.image == ref.image]
+        assert same_image.count(ref.text) == 1  # unambiguous
+    chance = sum(float((box_iou_inclusive(torch.tensor(r.proposals), torch.tensor(r.bbox)[None])
+                        >= 0.5).float().mean()) for r in val) / len(val)
+    assert chance == pytest.approx(0.1544, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real CLI on the COCO-instances sample
+def _tiny_override(tmp: Path) -> Path:
+    override = {
+        "trainer": {
+            "max_epochs": 1, "limit_train_batches": 2, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp), "name": "csv"}},
+            "callbacks": [
+                {"class_path": "albef_pl.plots.GroundingExamplesPlotter"},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp / "ckpt"), "monitor": "val/acc",
+                               "mode": "max", "save_last": True}},
+            ],
+        },
+        "model": {"init_args": {
+            "vision": vars(tiny_vision(img_size=64)),
+            "text": {**vars(tiny_text()), "vocab_size": 30522},  # the real tokenizer's ids
+            "embed_dim": 16, "queue_size": 32, "init_checkpoint": None, "init_weights": False,
+            "block_num": 3, "num_examples": 3,
+        }},
+        "data": {"init_args": {"image_size": 64, "batch_size": 8, "eval_batch_size": 20,
+                               "num_workers": 0}},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+def _last_metrics(csv_dir: Path) -> dict[str, float]:
+    files = sorted(csv_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    out: dict[str, float] = {}
+    with open(files[-1]) as f:
+        for row in csv.DictReader(f):
+            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return out
+
+
+@requires_shared
+def test_cli_fit_validate_and_test_per_split_on_the_coco_sample(tmp_path, monkeypatch):
+    from albef_pl.cli import run_cli
+
+    monkeypatch.chdir(ROOT)  # the config's data paths are relative to the project
+    base = ["--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path))]
+    fit = run_cli(["fit", *base])
+    metrics = _last_metrics(tmp_path / "csv")
+    assert metrics["val/num_expressions"] == 38
+    assert metrics["val/chance_acc"] == pytest.approx(0.1544, abs=1e-3)
+    acc = metrics["val/acc"]
+    assert 0 <= acc <= 1 and math.isclose(acc * 38, round(acc * 38), abs_tol=1e-4)
+    assert fit.model.hparams.gradcam_mode == "itm"
+    png = tmp_path / "csv/version_0/grounding_examples.png"
+    assert png.stat().st_size > 5000
+    with Image.open(png) as img:
+        assert img.height > img.width  # three rows of (image, heat map)
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    val = run_cli(["validate", *base, "--ckpt_path", str(last)])
+    assert float(val.trainer.callback_metrics["val/acc"]) == pytest.approx(acc)
+    # The Grad-CAM options are evaluation options: --ckpt_path does not override them.
+    itc = run_cli(["validate", *base, "--ckpt_path", str(last), "--model.gradcam_mode", "itc",
+                   "--model.block_num", "1"])
+    assert (itc.model.hparams.gradcam_mode, itc.model.hparams.block_num) == ("itc", 1)
+    assert 0 <= float(itc.trainer.callback_metrics["val/acc"]) <= 1
+
+    run_cli(["predict", *base, "--ckpt_path", str(last),
+             "--model.predict_dir", str(tmp_path / "pred")])
+    pred = json.loads((tmp_path / "pred" / "grounding_predictions.json").read_text())
+    assert len(pred["expressions"]) == 38 and pred["acc"] == pytest.approx(acc)
+    assert all(e["correct"] == (e["iou"] >= 0.5) and len(e["box"]) == 4
+               for e in pred["expressions"])
+
+    # A reference file in the RefCOCO+ layout with two subsets: one accuracy per subset.
+    refs = refs_from_coco_instances(INSTANCES)["val"]
+    entries = [{"ref_id": r.ref_id, "image": Path(r.image).name, "text": r.text,
+                "bbox": r.bbox, "proposals": r.proposals, "width": r.width,
+                "height": r.height, "split": "testA" if i % 3 else "testB"}
+               for i, r in enumerate(refs)]
+    test_file = _write(tmp_path / "refcoco+_test.json", entries)
+    test = run_cli(["test", *base, "--ckpt_path", str(last), "--data.coco_instances", "null",
+                    "--data.test_file", test_file])
+    got = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
+    n_a = sum(e["split"] == "testA" for e in entries)
+    n_b = len(entries) - n_a
+    assert got["test/num_expressions"] == n_a + n_b == 38
+    assert got["test/acc"] == pytest.approx(acc)  # the same expressions as validation
+    assert got["test/acc"] == pytest.approx(
+        (n_a * got["test/acc_testA"] + n_b * got["test/acc_testB"]) / (n_a + n_b))
+
+
+def test_paper_recipe_values(capsys):
+    from albef_pl.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(PAPER_CONF), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model, data, trainer = (printed[k] for k in ("model", "data", "trainer"))
+    assert model["class_path"] == "albef_pl.tasks.grounding.GroundingTask"
+    args = model["init_args"]
+    assert (args["lr"], args["min_lr"], args["queue_size"], args["momentum"], args["alpha"]) == (
+        1e-5, 1e-6, 65536, 0.995, 0.4)
+    assert (args["gradcam_mode"], args["block_num"], args["vision"]["img_size"]) == ("itm", 8, 384)
+    assert (data["init_args"]["batch_size"], data["init_args"]["image_size"]) == (32, 384)
+    assert (trainer["max_epochs"], trainer["devices"], trainer["precision"]) == (5, 8, "bf16-mixed")
+    assert trainer["inference_mode"] is False
+    monitors = [c["init_args"].get("monitor") for c in trainer["callbacks"]
+                if c["class_path"].endswith("ModelCheckpoint")]
+    assert monitors == ["val/acc"]
