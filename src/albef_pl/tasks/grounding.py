@@ -214,12 +214,14 @@ class GroundingTask(RetrievalTask):
         self._predictions: list[dict[str, Any]] = []
 
     def on_validation_epoch_end(self) -> None:
+        self.check_evaluation_data("val")
         if self.trainer.sanity_checking:  # a partial set
             self._reset_eval()
             return
         self._log_accuracy("val")
 
     def on_test_epoch_end(self) -> None:
+        self.check_evaluation_data("test")
         self._log_accuracy("test")
 
     def on_predict_epoch_end(self) -> None:
