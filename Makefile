@@ -36,7 +36,7 @@ shards-demo: $(DATA)/demo/shards/sizes.json
 
 demo: install shards-demo
 	$(CLI) fit --config conf/demo.yaml $(ARGS)
-	@echo "Checkpoints: runs/demo/checkpoints (last.ckpt)"
+	@echo "Checkpoint: $$(ls -t runs/demo/checkpoints/last*.ckpt | head -1) (the newest; runs/demo/checkpoints holds every run of this config)"
 	@echo "Logs and pictures: $$(ls -d runs/demo/csv/version_* | sort -V | tail -1)/ (metrics.csv, loss_curves.png, retrieval_examples.png); TensorBoard: runs/demo/tensorboard"
 
 # ---- real data
@@ -65,7 +65,7 @@ finetune-retrieval-flickr: install
 	$(CLI) fit --config conf/finetune/retrieval_flickr.yaml $(ARGS)
 
 finetune-retrieval-sample: install
-	@test -f runs/coco_sample/checkpoints/last.ckpt || { echo "no pre-trained checkpoint at runs/coco_sample/checkpoints/last.ckpt: run 'make pretrain-sample' first (or add --model.init_checkpoint null via ARGS)"; exit 1; }
+	@case "$(ARGS)" in *init_checkpoint*) ;; *) test -f runs/coco_sample/checkpoints/last.ckpt || { echo "no pre-trained checkpoint at runs/coco_sample/checkpoints/last.ckpt: run 'make pretrain-sample' first (or ARGS='--model.init_checkpoint null' to start from MiniLM and a random ViT)"; exit 1; } ;; esac
 	$(CLI) fit --config conf/finetune/retrieval_coco_sample.yaml $(ARGS)
 
 finetune-ve: install

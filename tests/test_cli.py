@@ -189,7 +189,8 @@ def test_checkpoint_of_another_task_directory_and_missing_init_weights(tmp_path,
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "albef_pl.tasks.PretrainTask"}},
                pretrain_ckpt)
     err = _cli_error(["validate", "--config", retrieval, "--ckpt_path", str(pretrain_ckpt)], capsys)
-    assert "a albef_pl.tasks.PretrainTask checkpoint" in err
+    assert "written by albef_pl.tasks.PretrainTask, but the config runs" in err
+    assert "give a checkpoint of a RetrievalTask run" in err
     assert f"--model.init_checkpoint {pretrain_ckpt}" in err
 
     err = _cli_error(["validate", "--config", retrieval, "--ckpt_path", str(tmp_path)], capsys)
@@ -197,5 +198,45 @@ def test_checkpoint_of_another_task_directory_and_missing_init_weights(tmp_path,
 
     err = _cli_error(["fit", "--config", retrieval,
                       "--model.init_args.init_checkpoint", str(tmp_path / "none.ckpt")], capsys)
-    assert err.strip().splitlines()[-1].startswith(
-        f"error: model.init_checkpoint: no file at {tmp_path / 'none.ckpt'}")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: model.init_checkpoint: no file at {tmp_path / 'none.ckpt'}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.lrr", "1e-4"], "error: --model.lrr: PretrainTask has no such option (did you mean 'lr'?)"),
+    (["--model.vision.img_sise", "3"],
+     "error: --model.vision.img_sise: VisionConfig has no such option (did you mean 'img_size'?)"),
+    (["--data.batch_sise", "3"],
+     "error: --data.batch_sise: PretrainDataModule has no such option (did you mean 'batch_size'?)"),
+    (["--model.lr", "abc"], "error: --model.lr: Expected a <class 'float'>. Got value: abc"),
+    (["--trainer.max_epochs", "x"], "error: --trainer.max_epochs: expected int or null, got x"),
+    # argparse would have taken a prefix for the whole name and started a run
+    (["--trainer.max_epoch", "4"], "error: unrecognized arguments: --trainer.max_epoch 4"),
+])
+def test_option_errors_are_two_lines_naming_the_option(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["albef-pl"])
+    err = _cli_error(["fit", "--config", str(ROOT / "conf/demo.yaml"), *args], capsys)
+    assert err.strip().splitlines() == [message, "(albef-pl fit --help lists every option)"]
+
+
+def test_fresh_fit_into_a_folder_holding_a_run_says_how_to_continue(tmp_path, caplog):
+    import types
+
+    from albef_pl.cli import ALBEFCLI
+
+    (tmp_path / "checkpoints").mkdir()
+    trainer = types.SimpleNamespace(
+        checkpoint_callback=types.SimpleNamespace(dirpath=str(tmp_path / "checkpoints")))
+
+    def fake(ckpt_path):
+        return types.SimpleNamespace(trainer=trainer, _sub_config=lambda: {"ckpt_path": ckpt_path})
+
+    ALBEFCLI.warn_earlier_run(fake(None))
+    assert "already holds last.ckpt" not in caplog.text
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    ALBEFCLI.warn_earlier_run(fake("last"))  # continuing: nothing to say
+    assert "already holds last.ckpt" not in caplog.text
+    ALBEFCLI.warn_earlier_run(fake(None))
+    assert f"{tmp_path / 'checkpoints'} already holds last.ckpt" in caplog.text
+    assert "add --ckpt_path last" in caplog.text

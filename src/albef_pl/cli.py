@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from albef_pl.errors import DataError
 
@@ -44,8 +44,80 @@ def _short_union_error(message: str) -> str:
     return message
 
 
+def _short_parse_error(message: str) -> str:
+    """jsonargparse's report on an option of a class (tried against every union member), cut
+    to the option and the reason, with a suggestion for an unknown name:
+    "--model.lrr: PretrainTask has no such option (did you mean 'lr'?)"."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    keys: list[str] = []
+    class_path = None
+    plain = re.match(r'Parser key "([^"]+)":\s*\n\s*Does not validate against any of the Union'
+                     r" subtypes", message)
+    if plain and "class_path" not in message:  # e.g. int | None
+        kinds = [k.replace("NoneType", "null") for k in re.findall(
+            r"- Expected a <class '([^']+)'>", message)]
+        given = re.search(r"Given value: (.*)", message)
+        return (f"--{plain.group(1)}: expected {' or '.join(kinds) or 'another type'}, got "
+                f"{given.group(1).strip() if given else 'something else'}")
+    for raw in message.splitlines():
+        line = raw.strip()
+        if m := re.fullmatch(r'Parser key "([^"]+)":', line):
+            keys.append(m.group(1))
+        elif m := re.fullmatch(r"- Problem with given class_path '([^']+)':", line):
+            class_path = m.group(1)
+        elif line.startswith(("Does not validate", "Subtypes:", "Errors:")) or not line:
+            continue
+        else:
+            break
+    else:
+        return message
+    if not keys or class_path is None:
+        return message
+    name = class_path.rsplit(".", 1)[-1]
+    unknown = re.fullmatch(r"Option '([^']+)' is not accepted", line)
+    if not unknown:
+        return f"--{'.'.join(keys)}: {line}"
+    hint = ""
+    try:
+        module, _, cls = class_path.rpartition(".")
+        params = {p for klass in getattr(importlib.import_module(module), cls).__mro__
+                  if "__init__" in vars(klass)
+                  for p in inspect.signature(vars(klass)["__init__"]).parameters}
+        close = difflib.get_close_matches(unknown.group(1), sorted(params - {"self"}), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    return f"--{'.'.join([*keys, unknown.group(1)])}: {name} has no such option{hint}"
+
+
+class ALBEFArgumentParser(LightningArgumentParser):
+    """Errors as two lines (the error and where the options are listed) instead of a usage
+    block of fifty lines above jsonargparse's report on every union member."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {_short_parse_error(message)}\n"
+                         f"({prog} --help lists every option)\n")
+        raise SystemExit(2)
+
+
 class ALBEFCLI(LightningCLI):
     """LightningCLI with the project's defaults (config saved next to the logs)."""
+
+    @staticmethod
+    def fail(message: str) -> None:
+        """End the program on a problem the message fully names: one line, exit status 2."""
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
 
     def _sub_config(self):
         """The options of the running subcommand (the whole config when there is none)."""
@@ -64,7 +136,7 @@ class ALBEFCLI(LightningCLI):
                 state = check_lightning_checkpoint(value)
                 check_same_task(value, state, cfg.get("model"))
             except (OSError, ValueError) as err:
-                self.parser.error(str(err))  # usage line, the message, exit status 2
+                self.fail(str(err))
         args = _model_args(cfg)
         kept = {k: args[k] for k in RUNTIME_MODEL_OPTIONS if args is not None and k in args}
         super()._parse_ckpt_path()
@@ -72,6 +144,23 @@ class ALBEFCLI(LightningCLI):
         for key, value in kept.items():
             if args is not None and key in args:
                 args[key] = value
+
+    def before_fit(self) -> None:
+        self.warn_earlier_run()
+
+    def warn_earlier_run(self) -> None:
+        """Say so when a fresh ``fit`` (no --ckpt_path) writes into a checkpoint folder that
+        already holds a run: Lightning then saves ``last-v1.ckpt`` beside the old
+        ``last.ckpt`` and ``--ckpt_path last`` takes the newer one, which is easy to miss."""
+        if self._sub_config().get("ckpt_path"):
+            return
+        dirpath = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if dirpath and (Path(dirpath) / "last.ckpt").is_file():
+            logging.getLogger(__name__).warning(
+                "%s already holds last.ckpt of an earlier run. This fit starts from scratch "
+                "and saves beside it (last-v1.ckpt, ...). To continue the earlier run add "
+                "--ckpt_path last; to start clean, remove the folder or pick another with "
+                "--trainer.default_root_dir / the ModelCheckpoint dirpath.", dirpath)
 
     def before_instantiate_classes(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -101,13 +190,16 @@ class ALBEFCLI(LightningCLI):
         args = _model_args(cfg)
         path = args.get("init_checkpoint") if args is not None and hasattr(args, "get") else None
         ckpt = cfg.get("ckpt_path")
-        if path and ckpt and Path(str(ckpt)).is_file():
-            # --ckpt_path restores every weight: the starting weights would only be loaded
-            # and overwritten (and need not exist any more).
-            args["init_checkpoint"] = None
+        if ckpt and Path(str(ckpt)).is_file() and args is not None and hasattr(args, "get"):
+            # --ckpt_path restores every weight: starting weights (a checkpoint, BERT/ViT
+            # files) would only be loaded and overwritten (and need not exist any more).
+            if "init_checkpoint" in args:
+                args["init_checkpoint"] = None
+            if "init_weights" in args:
+                args["init_weights"] = False
             return
         if path and not Path(path).is_file():
-            self.parser.error(
+            self.fail(
                 f"model.init_checkpoint: no file at {path}. Train or convert one first (e.g. "
                 "`make pretrain-sample` for the COCO-sample recipes, or `albef-pl-convert "
                 "ALBEF.pth ...`), or set --model.init_checkpoint null."
@@ -136,7 +228,7 @@ class ALBEFCLI(LightningCLI):
         try:
             cls(**kwargs)
         except (OSError, ValueError, TypeError) as err:
-            self.parser.error(f"data ({data.class_path}): {err}")
+            self.fail(f"data ({data.class_path}): {err}")
 
     def instantiate_classes(self) -> None:
         # Our constructors check their options and files and raise FileNotFoundError or
@@ -144,7 +236,7 @@ class ALBEFCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (FileNotFoundError, ValueError) as err:
-            self.parser.error(_short_union_error(str(err)))
+            self.fail(_short_union_error(str(err)))
 
 
 def check_lightning_checkpoint(path: str) -> dict:
@@ -191,10 +283,17 @@ def check_same_task(path: str, state: dict, model_config) -> None:
     wanted = model_config.get("class_path") if model_config is not None else None
     if saved and wanted and saved.rsplit(".", 1)[-1] != str(wanted).rsplit(".", 1)[-1]:
         raise ValueError(
-            f"--ckpt_path {path}: a {saved} checkpoint, but the config trains {wanted}. "
-            "--ckpt_path resumes or evaluates the same task; to start this task from those "
-            f"weights use --model.init_checkpoint {path}."
+            f"--ckpt_path {path}: written by {saved}, but the config runs {wanted}. "
+            "--ckpt_path resumes or evaluates the same task: give a checkpoint of a "
+            f"{str(wanted).rsplit('.', 1)[-1]} run. To start a fine-tune from pre-training "
+            f"weights, use --model.init_checkpoint {path} instead."
         )
+
+
+def _program_name() -> str:
+    """``albef-pl`` or ``lightning`` as invoked; ``python -m albef_pl`` for the module."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "albef-pl"
+    return "python -m albef_pl" if name in ("__main__.py", "-m", "-c", "") else name
 
 
 def run_cli(args: list[str] | None = None) -> ALBEFCLI:
@@ -205,6 +304,9 @@ def run_cli(args: list[str] | None = None) -> ALBEFCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # An option is its full name: argparse would take --trainer.max_epoch for max_epochs.
+        parser_kwargs={"allow_abbrev": False, "prog": _program_name()},
+        parser_class=ALBEFArgumentParser,
         args=args,
         auto_configure_optimizers=False,
     )

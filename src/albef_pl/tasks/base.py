@@ -332,4 +332,4 @@ class ALBEFTask(L.LightningModule):
         self.log(f"{stage}/temp", self.model.temp.detach(), on_step=on_step, batch_size=batch_size)
         if stage == "train" and self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, on_step=True, prog_bar=True, batch_size=batch_size)
+            self.log("train/lr", lr, on_step=True, batch_size=batch_size)

@@ -286,7 +286,7 @@ class NLVR2TextAssignmentTask(ALBEFTask):
         self.log(f"{stage}/acc", metric, on_step=train, on_epoch=True, batch_size=b)
         if train and self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, on_step=True, prog_bar=True, batch_size=b)
+            self.log("train/lr", lr, on_step=True, batch_size=b)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

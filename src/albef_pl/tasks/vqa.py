@@ -221,7 +221,7 @@ class VQATask(ALBEFTask):
         self.log("train/alpha", alpha, on_step=True, batch_size=b)
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, on_step=True, prog_bar=True, batch_size=b)
+            self.log("train/lr", lr, on_step=True, batch_size=b)
         return loss
 
     # ---- evaluation
