@@ -59,6 +59,7 @@ from data_modules.listed import (
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
     load_json,
 )
 
@@ -322,6 +323,9 @@ class GroundingDataModule(ListedDataModule):
         super().__init__()
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file, coco_instances=coco_instances)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length)
         files = (train_file, val_file, test_file, predict_file)
         if coco_instances and any(files):
             raise ValueError("data.coco_instances builds every split; leave train_file, "

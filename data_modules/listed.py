@@ -26,8 +26,8 @@ from albef_pl.transforms import eval_transform, finetune_transform
 _logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_ERRORS", "SKIP_REASONS", "ImageEntryDataset", "ListedDataModule",
-           "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_train_batches",
-           "load_json"]
+           "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_loader_options",
+           "check_train_batches", "load_json"]
 
 #: Why an entry was skipped: its image was absent at setup, or failed to decode.
 SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
@@ -60,6 +60,17 @@ def check_files(**options: str | list[str] | None) -> None:
         for f in [value] if isinstance(value, str) else list(value or []):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"data.{name}: no file at {f}")
+
+
+def check_loader_options(**options: int) -> None:
+    """Raise ``ValueError`` naming the option unless ``num_workers`` is at least 0 and every
+    other option (sizes: ``image_size``, ``batch_size``, ``eval_batch_size``) at least 1 (at
+    construction, so that the CLI reports it before the model is built; a batch size of 0
+    otherwise ends in a DataLoader traceback or a division by zero)."""
+    for name, value in options.items():
+        least = 0 if name == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
 
 
 def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,

@@ -36,6 +36,7 @@ from data_modules.listed import (
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
     load_json,
 )
 
@@ -244,6 +245,9 @@ class NLVR2DataModule(ListedDataModule):
         super().__init__()
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length)
         self.save_hyperparameters()
 
     # ---- reading

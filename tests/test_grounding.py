@@ -429,3 +429,56 @@ def test_paper_recipe_values(capsys):
     monitors = [c["init_args"].get("monitor") for c in trainer["callbacks"]
                 if c["class_path"].endswith("ModelCheckpoint")]
     assert monitors == ["val/acc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the CLI: one line, exit status 2, no traceback
+def _refuse_to_build(cls, monkeypatch) -> None:
+    """Make building ``cls`` fail the test (its signature kept for the CLI's parser)."""
+    import functools
+
+    @functools.wraps(cls.__init__)
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{cls.__name__} was built before the bad option was refused")
+
+    monkeypatch.setattr(cls, "__init__", refuse)
+
+
+def _main_fails(args: list[str], capsys) -> str:
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _own_files(tmp: Path, val_entries: list | None = None) -> list[str]:
+    """Images, a training file and an evaluation file under ``tmp`` (instead of the COCO
+    sample), as data options."""
+    for k in range(3):
+        _image(tmp / f"ok{k}.jpg")
+    train = _write(tmp / "train.json", [{"image": f"ok{k % 3}.jpg", "text": f"thing {k}"}
+                                        for k in range(4)])
+    val = _write(tmp / "val.json", val_entries if val_entries is not None else
+                 [_ref(ref_id=k, image=f"ok{k % 3}.jpg") for k in range(3)])
+    return ["--data.image_root", str(tmp), "--data.coco_instances", "null",
+            "--data.train_file", train, "--data.val_file", val, "--data.test_file", val,
+            "--data.drop_last", "false", "--data.batch_size", "4"]
+
+
+@pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
+                                          ("image_size", "-1")])
+def test_cli_refuses_sizes_below_one_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys, option, value
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(GroundingTask, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       f"--data.{option}", value], capsys)
+    assert f"data.{option} must be an integer >= 1, got {value}" in err

@@ -579,3 +579,54 @@ def test_text_assignment_fits_under_lightning_without_a_teacher():
     assert torch.equal(task.model.vision_proj.weight, proj)  # frozen, as never updated there
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the CLI: one line, exit status 2, no traceback
+def _refuse_to_build(cls, monkeypatch) -> None:
+    """Make building ``cls`` fail the test (its signature kept for the CLI's parser)."""
+    import functools
+
+    @functools.wraps(cls.__init__)
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{cls.__name__} was built before the bad option was refused")
+
+    monkeypatch.setattr(cls, "__init__", refuse)
+
+
+def _main_fails(args: list[str], capsys) -> str:
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _pairs_dir(tmp: Path, entries: list | None = None) -> list[str]:
+    """Three small images and an NLVR2 file of four pairs (or ``entries``) under ``tmp``, as
+    data options for every split."""
+    for k in range(3):
+        Image.new("RGB", (40, 30), (80 * k, 90, 120)).save(tmp / f"ok{k}.jpg")
+    if entries is None:
+        entries = [{"images": [f"ok{k % 3}.jpg", f"ok{(k + 1) % 3}.jpg"], "sentence": "a dog",
+                    "label": bool(k % 2)} for k in range(4)]
+    path = _write(tmp, entries)
+    return ["--data.image_root", str(tmp), "--data.train_file", str(path),
+            "--data.val_file", str(path), "--data.test_file", str(path),
+            "--data.drop_last", "false"]
+
+
+@pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
+                                          ("batch_size", "-2"), ("image_size", "0")])
+def test_cli_refuses_sizes_below_one_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys, option, value
+):
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(NLVR2Task, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
+                       f"--data.{option}", value], capsys)
+    assert f"data.{option} must be an integer >= 1, got {value}" in err
