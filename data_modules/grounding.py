@@ -196,9 +196,20 @@ def refs_from_coco_instances(
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise ValueError(f"{path}: not a COCO instances file (needs images, annotations and "
                          "categories)")
+    for key, fields in (("categories", ("id", "name")),
+                        ("annotations", ("id", "image_id", "category_id", "bbox")),
+                        ("images", ("id", "file_name", "width", "height"))):
+        for k, item in enumerate(data[key]):
+            lacks = [f for f in fields if not isinstance(item, dict) or f not in item]
+            if lacks:
+                raise ValueError(f"{path}: {key}[{k}] ({str(item)[:80]}) has no "
+                                 f"{', '.join(repr(f) for f in lacks)}")
     names = {c["id"]: c["name"] for c in data["categories"]}
     boxes: dict[Any, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
+        if ann["category_id"] not in names:
+            raise ValueError(f"{path}: annotation {ann['id']} (image {ann['image_id']}) has "
+                             f"category_id {ann['category_id']!r}, which 'categories' lacks")
         boxes[ann["image_id"]].append(ann)
     out: dict[str, list[Ref]] = {"train": [], "val": []}
     for pos, img in enumerate(sorted(data["images"], key=lambda im: im["id"])):
@@ -352,6 +363,15 @@ class GroundingDataModule(ListedDataModule):
                     h.coco_instances, h.image_root, h.sample_holdout_every,
                     h.sample_min_proposals)
             refs = self._sample["train" if split == "train" else "val"]
+            if not refs:
+                held = (f"held-out image (every {h.sample_holdout_every}th by id with at least "
+                        f"data.sample_min_proposals={h.sample_min_proposals} boxes)"
+                        if split != "train" else "training image")
+                raise ValueError(
+                    f"{split}: data.coco_instances {h.coco_instances} gives no reference: no "
+                    f"{held} has a category with exactly one non-crowd instance. Give a file "
+                    "with more images, or lower data.sample_min_proposals / "
+                    "data.sample_holdout_every")
             return [Ref(**vars(r)) for r in refs]  # each split gets its own copies
         refs: list[Ref] = []
         for f in files:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -482,3 +483,49 @@ def test_cli_refuses_sizes_below_one_before_the_model_is_built(
                        str(_tiny_override(tmp_path)), *_own_files(tmp_path),
                        f"--data.{option}", value], capsys)
     assert f"data.{option} must be an integer >= 1, got {value}" in err
+
+
+def _instances(tmp: Path, change) -> str:
+    data = {"images": [{"id": k, "file_name": f"ok{k % 3}.jpg", "width": 40, "height": 30}
+                       for k in range(8)],
+            "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+            "annotations": [{"id": 10 * k + j, "image_id": k, "category_id": 1 + j % 2,
+                             "bbox": [1 + 5 * j, 2, 8, 9], "iscrowd": 0}
+                            for k in range(8) for j in range(3)]}
+    change(data)
+    return _write(tmp / "instances.json", data)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["annotations"][0].update(category_id=9),
+     r"instances\.json: annotation 0 \(image 0\) has category_id 9, which 'categories' lacks"),
+    (lambda d: d["annotations"][1].pop("bbox"),
+     r"instances\.json: annotations\[1\] .* has no 'bbox'"),
+    (lambda d: d["images"][2].pop("width"), r"instances\.json: images\[2\] .* has no 'width'"),
+    # every category twice in every image: no unambiguous reference
+    (lambda d: d["annotations"].extend({**a, "id": a["id"] + 1000} for a in list(
+        d["annotations"])), r"train: data\.coco_instances .* gives no reference: no training "
+                            r"image has a category with exactly one"),
+    (lambda d: d.update(annotations=[]), r"train: data\.coco_instances .* gives no reference"),
+])
+def test_cli_coco_instances_that_give_no_reference_or_lack_fields_are_one_line(
+    tmp_path, monkeypatch, capsys, change, message
+):
+    monkeypatch.chdir(ROOT)
+    for k in range(3):
+        _image(tmp_path / f"ok{k}.jpg")
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), "--data.image_root", str(tmp_path),
+                       "--data.coco_instances", _instances(tmp_path, change)], capsys)
+    assert re.search(message, err), err
+
+
+def test_coco_instances_held_out_images_without_enough_boxes_say_so(tmp_path):
+    f = _instances(tmp_path, lambda d: None)
+    dm = GroundingDataModule(str(tmp_path), coco_instances=f, sample_min_proposals=4)
+    for k in range(3):
+        _image(tmp_path / f"ok{k}.jpg")
+    with pytest.raises(ValueError, match=r"val: data\.coco_instances .* no held-out image "
+                                         r"\(every 4th by id with at least data\.sample_min_"
+                                         r"proposals=4 boxes\)"):
+        dm.setup("validate")
