@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -101,13 +102,21 @@ class Ref:
     idx: int = 0
 
 
+def _is_number(value: Any) -> bool:
+    """A finite json number (not a bool, NaN or infinity: json.load reads NaN and Infinity,
+    and every comparison with NaN is false, so a NaN box would pass the checks below)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def check_box(box: Any, width: float, height: float, what: str) -> list[float]:
     """``box`` as [x, y, w, h] floats; ``ValueError`` (starting with ``what``) unless it has
     four numbers, a positive area, and lies inside the (width, height) image up to
     :data:`BORDER_TOLERANCE` pixels."""
     if (not isinstance(box, (list, tuple)) or len(box) < 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box[:4])):
-        raise ValueError(f"{what}: {str(box)[:80]} is not a box [x, y, w, h]")
+            or not all(_is_number(v) for v in box[:4])):
+        raise ValueError(f"{what}: {str(box)[:80]} is not a box [x, y, w, h] of finite "
+                         "numbers")
     x, y, w, h = (float(v) for v in box[:4])
     if w <= 0 or h <= 0:
         raise ValueError(f"{what}: box {[x, y, w, h]} has no area")
@@ -170,7 +179,7 @@ def _read_boxes(entry: dict, ref: Ref, where: str) -> None:
             raise ValueError(f"{where} has no '{key}' (evaluation entries need bbox, "
                              "proposals, width and height)")
     width, height = entry["width"], entry["height"]
-    if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+    if not all(_is_number(v) and v > 0 for v in (width, height)):
         raise ValueError(f"{where}: width {width!r} and height {height!r} must be positive")
     ref.width, ref.height = int(width), int(height)
     ref.bbox = check_box(entry["bbox"], width, height, f"{where}, bbox")

@@ -262,6 +262,11 @@ def test_reference_file_layout_and_every_text_is_a_sample(tmp_path):
     (_ref(proposals=[[1, 1, 5]]), r"proposal 0: \[1, 1, 5\] is not a box"),
     ({k: v for k, v in _ref().items() if k != "width"}, r"ref_id 7.* has no 'width'"),
     ({"image": "a.jpg"}, r"entry 0 .* lacks an 'image' string or a 'text'"),
+    (_ref(bbox=[math.nan, 3.0, 10.0, 12.0]), r"bbox: \[nan, 3\.0, 10\.0, 12\.0\] is not a box"),
+    (_ref(proposals=[[1, 1, 5, math.inf]]), r"proposal 0: .* is not a box .* finite numbers"),
+    (_ref(bbox=[True, 3.0, 10.0, 12.0]), r"bbox: .* is not a box"),
+    (_ref(width=True, height=True), r"width True and height True must be positive"),
+    (_ref(height=math.nan), r"width 40 and height nan must be positive"),
 ])
 def test_bad_reference_entries_name_the_file_and_entry(tmp_path, entry, message):
     f = _write(tmp_path / "refs.json", [entry])
