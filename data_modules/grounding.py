@@ -162,6 +162,11 @@ def read_grounding_json(
         if texts is None or not isinstance(entry.get("image"), str):
             raise ValueError(f"{where} ({str(entry)[:120]}) lacks an 'image' string or a "
                              "'text' (a string or a list of strings)")
+        for text in texts:
+            if not pre_caption(text):
+                raise ValueError(f"{where} (ref_id {entry.get('ref_id', -1)!r}, image "
+                                 f"{entry['image']!r}): text {text!r} is empty once "
+                                 "punctuation is removed; give an expression or remove it")
         image = os.path.join(image_root, entry["image"])
         ref = Ref(image=image, text="", ref_id=entry.get("ref_id", -1),
                   split=str(entry.get("split", default_split)))
@@ -214,6 +219,10 @@ def refs_from_coco_instances(
                 raise ValueError(f"{path}: {key}[{k}] ({str(item)[:80]}) has no "
                                  f"{', '.join(repr(f) for f in lacks)}")
     names = {c["id"]: c["name"] for c in data["categories"]}
+    for cat_id, name in names.items():
+        if not isinstance(name, str) or not pre_caption(name):
+            raise ValueError(f"{path}: category {cat_id} has the name {name!r}, which is no "
+                             "expression (empty once punctuation is removed)")
     boxes: dict[Any, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
         if ann["category_id"] not in names:

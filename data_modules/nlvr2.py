@@ -117,6 +117,10 @@ def read_nlvr2_json(
                              "image paths (left, right)")
         if not isinstance(entry.get("sentence"), str):
             raise ValueError(f"{where} (images {images}) lacks a 'sentence' string")
+        if not pre_caption(entry["sentence"]):
+            raise ValueError(f"{where} (images {images}): sentence {entry['sentence']!r} is "
+                             "empty once punctuation is removed; give a statement or remove "
+                             "the entry")
         if "label" in entry:
             try:
                 label = parse_nlvr2_label(entry["label"])

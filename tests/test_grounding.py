@@ -267,6 +267,10 @@ def test_reference_file_layout_and_every_text_is_a_sample(tmp_path):
     (_ref(bbox=[True, 3.0, 10.0, 12.0]), r"bbox: .* is not a box"),
     (_ref(width=True, height=True), r"width True and height True must be positive"),
     (_ref(height=math.nan), r"width 40 and height nan must be positive"),
+    (_ref(text=["dog", ""]), r"entry 0 \(ref_id 7, image 'a\.jpg'\): text '' is empty once "
+                             r"punctuation is removed"),
+    (_ref(text="?!..."), r"entry 0 .*: text '\?!\.\.\.' is empty"),
+    ({"image": "a.jpg", "text": "  "}, r"entry 0 \(ref_id -1, image 'a\.jpg'\): text '  '"),
 ])
 def test_bad_reference_entries_name_the_file_and_entry(tmp_path, entry, message):
     f = _write(tmp_path / "refs.json", [entry])
@@ -512,6 +516,8 @@ def _instances(tmp: Path, change) -> str:
         d["annotations"])), r"train: data\.coco_instances .* gives no reference: no training "
                             r"image has a category with exactly one"),
     (lambda d: d.update(annotations=[]), r"train: data\.coco_instances .* gives no reference"),
+    (lambda d: d["categories"][1].update(name="?"),
+     r"instances\.json: category 2 has the name '\?', which is no expression"),
 ])
 def test_cli_coco_instances_that_give_no_reference_or_lack_fields_are_one_line(
     tmp_path, monkeypatch, capsys, change, message

@@ -459,6 +459,10 @@ def test_missing_and_corrupt_images_are_named_and_counted(tmp_path, caplog):
     ({"images": ["a.png", "b.png"], "sentence": "s", "label": "yes"},
      r"entry 1 \(images \['a.png', 'b.png'\]\): label 'yes' is not one of"),
     ({"images": ["a.png", "b.png"], "sentence": "s"}, r"entry 1 .* has no 'label'"),
+    ({"images": ["a.png", "b.png"], "sentence": "", "label": 1},
+     r"entry 1 \(images .*\): sentence '' is empty once punctuation is removed"),
+    ({"images": ["a.png", "b.png"], "sentence": " ?!... ", "label": 1},
+     r"entry 1 .*: sentence ' \?!\.\.\. ' is empty"),
 ])
 def test_bad_entries_name_the_file_and_the_entry(tmp_path, entry, message):
     good = {"images": ["a.png", "b.png"], "sentence": "s", "label": "False"}
