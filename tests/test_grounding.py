@@ -540,3 +540,19 @@ def test_coco_instances_held_out_images_without_enough_boxes_say_so(tmp_path):
                                          r"\(every 4th by id with at least data\.sample_min_"
                                          r"proposals=4 boxes\)"):
         dm.setup("validate")
+
+
+def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    data = _own_files(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    predict = _write(tmp_path / "predict.json", [_ref(image="zero.jpg")])
+    out = tmp_path / "out"
+    err = _main_fails(["predict", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.predict_file", predict,
+                       "--model.predict_dir", str(out)], capsys)
+    assert f"error: predict: none of the 2 images read from {predict} could be decoded" in err
+    assert not (out / "grounding_predictions.json").exists()

@@ -634,3 +634,22 @@ def test_cli_refuses_sizes_below_one_before_the_model_is_built(
                        str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
                        f"--data.{option}", value], capsys)
     assert f"data.{option} must be an integer >= 1, got {value}" in err
+
+
+def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    data = _pairs_dir(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok0.jpg").read_bytes()[:200])
+    (tmp_path / "predict.json").write_text(json.dumps([
+        {"images": ["zero.jpg", "ok1.jpg"], "sentence": "a dog"},
+        {"images": ["ok2.jpg", "cut.jpg"], "sentence": "two dogs"}]))
+    err = _main_fails(["predict", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data,
+                       "--data.predict_file", str(tmp_path / "predict.json")], capsys)
+    assert f"error: predict: none of the 2 images read from {tmp_path / 'predict.json'} " \
+           "could be decoded" in err
+    assert not (tmp_path / "predictions" / "nlvr2_predictions.json").exists()

@@ -225,6 +225,9 @@ class GroundingTask(RetrievalTask):
         self._log_accuracy("test")
 
     def on_predict_epoch_end(self) -> None:
+        # A pass that decoded no image is refused, not written as an empty predictions file
+        # (accuracy 0% of 0 expressions) over a good one.
+        self.check_evaluation_data("predict")
         self._reset_eval()
         rows = self._predictions
         if self.trainer.world_size > 1 and dist.is_initialized():
