@@ -556,3 +556,23 @@ def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
                        "--model.predict_dir", str(out)], capsys)
     assert f"error: predict: none of the 2 images read from {predict} could be decoded" in err
     assert not (out / "grounding_predictions.json").exists()
+
+
+@pytest.mark.parametrize("mode,block,message", [
+    ("itm", "99", r"model\.block_num=99 is not a fusion layer: layers 2\.\.3 cross-attend"),
+    ("itm", "-1", r"model\.block_num=-1 is not a fusion layer: layers 2\.\.3"),
+    ("itm", "1", r"model\.block_num=1 is not a fusion layer"),
+    ("itc", "2", r"model\.block_num=2 is not a ViT block \(gradcam_mode itc; the ViT has 2 "
+                 r"blocks, -2\.\.1\)"),
+])
+def test_cli_block_num_outside_the_model_is_refused_before_weights_are_built(
+    tmp_path, monkeypatch, capsys, mode, block, message
+):
+    from albef_pl.tasks.retrieval import RetrievalTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(RetrievalTask, monkeypatch)  # GroundingTask's weights: its base's init
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       "--model.gradcam_mode", mode, "--model.block_num", block], capsys)
+    assert re.search(message, err), err
