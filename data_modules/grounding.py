@@ -325,6 +325,7 @@ class GroundingDataModule(ListedDataModule):
     """
 
     item_one, item_name = "expression", "expressions"
+    probe_decodable = True
 
     def __init__(
         self,

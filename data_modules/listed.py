@@ -131,6 +131,10 @@ class ListedDataModule(L.LightningDataModule):
     item_name = "entries"
     #: The option naming the training files, for the message when it is missing.
     train_option = "train_file"
+    #: Check at setup (with ``check_images``) that at least one image of each split decodes:
+    #: a split of nothing but undecodable files otherwise trains on nothing and reports
+    #: success, or fails only after a whole training epoch, leaving no checkpoint.
+    probe_decodable = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,6 +183,8 @@ class ListedDataModule(L.LightningDataModule):
             entries = self._read(split, files)
             if h.check_images:
                 entries = self._drop_missing(entries, split)
+                if self.probe_decodable:
+                    self._probe_decodable(entries, split, files)
             if not entries:
                 raise ValueError(f"{split}: no {self.item_one} of {', '.join(files)} has its "
                                  f"image under {self._roots()}")
@@ -260,6 +266,26 @@ class ListedDataModule(L.LightningDataModule):
                 ", ".join(names[:NAMED_MISSING]),
             )
         return [item for item, good in zip(items, ok) if good]
+
+    def _probe_decodable(self, items: list, split: str, files: list[str]) -> None:
+        """Raise ``ValueError`` when not one image file of ``items`` decodes. Stops at the
+        first that does, so a usable split costs one decode."""
+        seen: dict[str, None] = {}
+        for item in items:
+            seen.update(dict.fromkeys(self._image_files(item)))
+        failures = []
+        for path in seen:
+            try:
+                with Image.open(path) as img:
+                    img.convert("RGB")
+                return
+            except IMAGE_ERRORS as err:
+                failures.append(f"{path} ({type(err).__name__}: {str(err)[:60]})")
+        if failures:
+            raise ValueError(
+                f"{split}: none of the {len(failures)} images read from {', '.join(files)} "
+                f"could be decoded (e.g. {'; '.join(failures[:3])}); replace the files or "
+                "remove their entries")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, so counts made in the workers arrive here with the batch.

@@ -226,6 +226,7 @@ class NLVR2DataModule(ListedDataModule):
     """
 
     item_one, item_name = "pair", "pairs"
+    probe_decodable = True
 
     def __init__(
         self,

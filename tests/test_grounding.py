@@ -553,7 +553,8 @@ def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
     out = tmp_path / "out"
     err = _main_fails(["predict", "--config", str(SAMPLE_CONF), "--config",
                        str(_tiny_override(tmp_path)), *data, "--data.predict_file", predict,
-                       "--model.predict_dir", str(out)], capsys)
+                       "--model.predict_dir", str(out),
+                       "--data.check_images", "false"], capsys)  # found in the pass, not setup
     assert f"error: predict: none of the 2 images read from {predict} could be decoded" in err
     assert not (out / "grounding_predictions.json").exists()
 
@@ -576,3 +577,20 @@ def test_cli_block_num_outside_the_model_is_refused_before_weights_are_built(
                        str(_tiny_override(tmp_path)), *_own_files(tmp_path),
                        "--model.gradcam_mode", mode, "--model.block_num", block], capsys)
     assert re.search(message, err), err
+
+
+def test_cli_a_training_file_whose_images_all_fail_to_decode_stops_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    data = _own_files(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    train = _write(tmp_path / "broken.json", [{"image": "zero.jpg", "text": "a dog"}] * 4)
+    monkeypatch.setattr(GroundingTask, "training_step",
+                        lambda *a, **k: pytest.fail("trained on images that cannot decode"))
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.train_file", train],
+                      capsys)
+    assert f"train: none of the 1 images read from {train} could be decoded" in err

@@ -653,3 +653,25 @@ def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
     assert f"error: predict: none of the 2 images read from {tmp_path / 'predict.json'} " \
            "could be decoded" in err
     assert not (tmp_path / "predictions" / "nlvr2_predictions.json").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_cli_a_split_whose_images_all_fail_to_decode_stops_before_training(
+    tmp_path, monkeypatch, capsys, split
+):
+    monkeypatch.chdir(ROOT)
+    data = _pairs_dir(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok0.jpg").read_bytes()[:200])
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"images": ["zero.jpg", "cut.jpg"], "sentence": "a dog",
+                                   "label": True}, {"images": ["cut.jpg", "zero.jpg"],
+                                                    "sentence": "no dog", "label": False}]))
+    monkeypatch.setattr(NLVR2Task, "training_step",
+                        lambda *a, **k: pytest.fail("trained on a split that cannot decode"))
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, f"--data.{split}_file",
+                       str(broken)], capsys)
+    assert f"{split}: none of the 2 images read from {broken} could be decoded (e.g. " \
+           f"{tmp_path / 'zero.jpg'} (UnidentifiedImageError" in err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
