@@ -52,10 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from albef_pl.text import CaptionTokenizer, pre_caption
 from albef_pl.transforms import grounding_transform
 from data_modules.listed import (
+    IMAGE_ERRORS,
     ImageEntryDataset,
     ListedDataModule,
     as_file_list,
@@ -406,6 +408,8 @@ class GroundingDataModule(ListedDataModule):
         ids: dict[str, int] = {}
         for ref in entries:  # one id per image file: every expression of it is a positive
             ref.idx = ids.setdefault(ref.image, len(ids))
+        if split != "train":
+            self._check_sizes(entries, split)
         if split == "train":
             # NOTE: the flip is the original's, although an expression may say "left" or
             # "right" of a flipped image; data.hflip false turns it off.
@@ -413,6 +417,28 @@ class GroundingDataModule(ListedDataModule):
             # other fine-tunes, so that the referred object is always in the picture.
             transform = grounding_transform(h.image_size, hflip=h.hflip)
         return GroundingDataset(entries, transform, h.max_words)
+
+    @staticmethod
+    def _check_sizes(entries: list[Ref], split: str) -> None:
+        """Raise ``ValueError`` naming the reference whose ``width``/``height`` (the frame of
+        its boxes) differ from its image file's: the map would be scored on the wrong frame,
+        silently (a wrong ``image_root`` or image). Reads image headers only; a file that does
+        not open is left to the loader, which skips and counts it."""
+        sizes: dict[str, tuple[int, int] | None] = {}
+        for ref in entries:
+            if ref.image not in sizes:
+                try:
+                    with Image.open(ref.image) as img:
+                        sizes[ref.image] = img.size
+                except IMAGE_ERRORS:
+                    sizes[ref.image] = None
+            size = sizes[ref.image]
+            if size is not None and size != (ref.width, ref.height):
+                raise ValueError(
+                    f"{split}: ref_id {ref.ref_id!r} ({ref.text!r}) gives its image as "
+                    f"{ref.width}x{ref.height}, but {ref.image} is {size[0]}x{size[1]}; its "
+                    "boxes would be scored on the wrong frame. Check data.image_root and the "
+                    "entry's image, width and height")
 
     def _describe(self, split: str, entries: list[Ref]) -> None:
         images = len({r.image for r in entries})

@@ -594,3 +594,15 @@ def test_cli_a_training_file_whose_images_all_fail_to_decode_stops_before_traini
                        str(_tiny_override(tmp_path)), *data, "--data.train_file", train],
                       capsys)
     assert f"train: none of the 1 images read from {train} could be decoded" in err
+
+
+def test_cli_a_reference_whose_size_is_not_its_images_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    _image(tmp_path / "wide.jpg", size=(400, 3))
+    refs = [_ref(ref_id=k, image=f"ok{k % 3}.jpg") for k in range(2)] + [
+        _ref(ref_id=5, image="wide.jpg", text="a dog")]
+    data = _own_files(tmp_path, refs)
+    err = _main_fails(["validate", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data], capsys)
+    assert f"val: ref_id 5 ('a dog') gives its image as 40x30, but {tmp_path / 'wide.jpg'} " \
+           "is 400x3" in err
