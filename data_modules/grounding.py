@@ -357,7 +357,7 @@ class GroundingDataModule(ListedDataModule):
                     predict_file=predict_file, coco_instances=coco_instances)
         check_loader_options(image_size=image_size, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, num_workers=num_workers,
-                             max_length=max_length)
+                             max_length=max_length, max_words=max_words)
         files = (train_file, val_file, test_file, predict_file)
         if coco_instances and any(files):
             raise ValueError("data.coco_instances builds every split; leave train_file, "

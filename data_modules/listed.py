@@ -64,7 +64,8 @@ def check_files(**options: str | list[str] | None) -> None:
 
 def check_loader_options(**options: int) -> None:
     """Raise ``ValueError`` naming the option unless ``num_workers`` is at least 0 and every
-    other option (sizes: ``image_size``, ``batch_size``, ``eval_batch_size``) at least 1 (at
+    other option (sizes: ``image_size``, ``batch_size``, ``eval_batch_size``, ``max_words``
+    ...) at least 1 (at
     construction, so that the CLI reports it before the model is built; a batch size of 0
     otherwise ends in a DataLoader traceback or a division by zero)."""
     for name, value in options.items():

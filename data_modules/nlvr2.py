@@ -252,7 +252,7 @@ class NLVR2DataModule(ListedDataModule):
                     predict_file=predict_file)
         check_loader_options(image_size=image_size, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, num_workers=num_workers,
-                             max_length=max_length)
+                             max_length=max_length, max_words=max_words)
         self.save_hyperparameters()
 
     # ---- reading

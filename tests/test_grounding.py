@@ -480,7 +480,7 @@ def _own_files(tmp: Path, val_entries: list | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
-                                          ("image_size", "-1")])
+                                          ("image_size", "-1"), ("max_words", "0")])
 def test_cli_refuses_sizes_below_one_before_the_model_is_built(
     tmp_path, monkeypatch, capsys, option, value
 ):
