@@ -15,6 +15,9 @@ referred object::
      "width": 640, "height": 427,                       # the image's size (the boxes' frame)
      "split": "testA"}                                  # optional; reported per split
 
+A ``predict`` file may leave out ``bbox`` (no ground truth): the chosen box is still written,
+without IoU.
+
 Each text becomes one sample (accuracy counts expressions, as the original). The README
 shows how to write these files from the original's ``refcoco+_{val,test}.json``, refTools'
 refs and ``dets.json``.
@@ -138,7 +141,7 @@ def _texts(value: Any) -> list[str] | None:
 
 def read_grounding_json(
     path: str | Path, image_root: str = "", with_boxes: bool = True, start: int = 0,
-    default_split: str = "val",
+    default_split: str = "val", require_bbox: bool = True,
 ) -> list[Ref]:
     """Read one grounding json file (see the module docstring for both layouts).
 
@@ -148,6 +151,8 @@ def read_grounding_json(
         with_boxes: an evaluation file (boxes, proposals and size required); else training.
         start: index of the file's first sample (files of one split are numbered on).
         default_split: subset name of entries without ``split``.
+        require_bbox: with ``with_boxes``, raise on an entry without ``bbox`` (predict files
+            may lack the ground truth; their entries get ``bbox`` None).
 
     Raises:
         ValueError: the file is not a non-empty list, or an entry is malformed; the message
@@ -174,22 +179,23 @@ def read_grounding_json(
                   split=str(entry.get("split", default_split)))
         if with_boxes:
             where = f"{where} (ref_id {ref.ref_id!r}, image {entry['image']!r})"
-            _read_boxes(entry, ref, where)
+            _read_boxes(entry, ref, where, require_bbox)
         for text in texts:
             refs.append(Ref(**{**vars(ref), "text": text, "index": start + len(refs)}))
     return refs
 
 
-def _read_boxes(entry: dict, ref: Ref, where: str) -> None:
+def _read_boxes(entry: dict, ref: Ref, where: str, require_bbox: bool = True) -> None:
     for key in ("bbox", "proposals", "width", "height"):
-        if key not in entry:
+        if key not in entry and (key != "bbox" or require_bbox):
             raise ValueError(f"{where} has no '{key}' (evaluation entries need bbox, "
-                             "proposals, width and height)")
+                             "proposals, width and height; predict entries may lack bbox)")
     width, height = entry["width"], entry["height"]
     if not all(_is_number(v) and v > 0 for v in (width, height)):
         raise ValueError(f"{where}: width {width!r} and height {height!r} must be positive")
     ref.width, ref.height = int(width), int(height)
-    ref.bbox = check_box(entry["bbox"], width, height, f"{where}, bbox")
+    if "bbox" in entry:
+        ref.bbox = check_box(entry["bbox"], width, height, f"{where}, bbox")
     proposals = entry["proposals"]
     if not isinstance(proposals, list) or not proposals:
         raise ValueError(f"{where} has no proposals: at least one candidate box is needed")
@@ -289,7 +295,9 @@ class GroundingCollate:
             "num_skipped": len(items) - len(good),
         }
         if self.with_boxes:
-            batch["bbox"] = torch.tensor([r.bbox for r in refs], dtype=torch.float32)
+            # A predict entry without ground truth has a NaN box (IoU NaN: not scored).
+            batch["bbox"] = torch.tensor([r.bbox if r.bbox is not None else [math.nan] * 4
+                                          for r in refs], dtype=torch.float32)
             batch["proposals"] = [torch.tensor(r.proposals, dtype=torch.float32) for r in refs]
             batch["size"] = torch.tensor([[r.width, r.height] for r in refs], dtype=torch.long)
             batch["ref_id"] = [r.ref_id for r in refs]
@@ -397,7 +405,8 @@ class GroundingDataModule(ListedDataModule):
         refs: list[Ref] = []
         for f in files:
             refs += read_grounding_json(f, h.image_root, with_boxes=split != "train",
-                                        start=len(refs), default_split=split)
+                                        start=len(refs), default_split=split,
+                                        require_bbox=split != "predict")
         return refs
 
     def _roots(self) -> str:

@@ -606,3 +606,28 @@ def test_cli_a_reference_whose_size_is_not_its_images_is_refused(tmp_path, monke
                        str(_tiny_override(tmp_path)), *data], capsys)
     assert f"val: ref_id 5 ('a dog') gives its image as 40x30, but {tmp_path / 'wide.jpg'} " \
            "is 400x3" in err
+
+
+def test_cli_predict_without_ground_truth_writes_the_chosen_boxes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    data = _own_files(tmp_path)
+    unlabelled = {k: v for k, v in _ref(ref_id=3, image="ok1.jpg", text="a cat").items()
+                  if k != "bbox"}
+    predict = _write(tmp_path / "predict.json", [_ref(ref_id=2, image="ok0.jpg", text="dog"),
+                                                 unlabelled])
+    out = tmp_path / "out"
+    from albef_pl.cli import run_cli
+
+    run_cli(["predict", "--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path)),
+             *data, "--data.predict_file", predict, "--model.predict_dir", str(out)])
+    written = json.loads((out / "grounding_predictions.json").read_text())
+    rows = {r["ref_id"]: r for r in written["expressions"]}
+    assert rows[3]["bbox"] is None and rows[3]["iou"] is None and rows[3]["correct"] is None
+    assert rows[3]["box"] in ([2.0, 3.0, 10.0, 12.0], [20.0, 5.0, 15.0, 20.0])
+    assert rows[2]["bbox"] == [2.0, 3.0, 10.0, 12.0] and isinstance(rows[2]["correct"], bool)
+    assert written["acc"] == float(rows[2]["correct"])  # over the expression with a box
+    # fit, validate and test still need the ground truth
+    val = _write(tmp_path / "val2.json", [unlabelled])
+    err = _main_fails(["validate", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.val_file", val], capsys)
+    assert "val2.json: entry 0 (ref_id 3, image 'ok1.jpg') has no 'bbox'" in err

@@ -227,19 +227,22 @@ class GroundingTask(RetrievalTask):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per expression: ``ref_id``, ``text``, ``image``, the chosen ``box``, the ground
-        truth ``bbox``, their ``iou`` and ``correct``; also written, for every process's
+        truth ``bbox``, their ``iou`` and ``correct`` (these three None for an entry without
+        ground truth); also written, for every process's
         expressions, to ``grounding_predictions.json`` in ``predict_dir``."""
         if "image" not in batch:
             return []
         out = self.ground(batch)
-        rows = [
-            {"ref_id": batch["ref_id"][b], "text": batch["text"][b],
-             "image": batch["image_path"][b], "split": batch["split"][b],
-             "box": batch["proposals"][b][int(out["chosen"][b])].tolist(),
-             "bbox": batch["bbox"][b].tolist(), "iou": round(float(out["iou"][b]), 4),
-             "correct": bool(out["iou"][b] >= IOU_THRESHOLD)}
-            for b in range(len(batch["text"]))
-        ]
+        rows = []
+        for b in range(len(batch["text"])):
+            labelled = not bool(batch["bbox"][b].isnan().any())  # a NaN box: no ground truth
+            rows.append({
+                "ref_id": batch["ref_id"][b], "text": batch["text"][b],
+                "image": batch["image_path"][b], "split": batch["split"][b],
+                "box": batch["proposals"][b][int(out["chosen"][b])].tolist(),
+                "bbox": batch["bbox"][b].tolist() if labelled else None,
+                "iou": round(float(out["iou"][b]), 4) if labelled else None,
+                "correct": bool(out["iou"][b] >= IOU_THRESHOLD) if labelled else None})
         self._predictions.extend(rows)
         return rows
 
@@ -272,12 +275,15 @@ class GroundingTask(RetrievalTask):
             return
         out_dir = self._predict_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
-        acc = sum(r["correct"] for r in rows) / max(1, len(rows))
+        labelled = [r for r in rows if r["correct"] is not None]
+        acc = sum(r["correct"] for r in labelled) / len(labelled) if labelled else None
         settings = {"gradcam_mode": self.hparams.gradcam_mode, "block_num": self.block_num}
         with open(out_dir / "grounding_predictions.json", "w") as f:
             json.dump({"settings": settings, "acc": acc, "expressions": rows}, f, indent=1)
-        _logger.info("predictions written to %s (accuracy %.1f%% of %d expressions)",
-                     out_dir / "grounding_predictions.json", 100 * acc, len(rows))
+        _logger.info("predictions of %d expressions written to %s (accuracy %s)", len(rows),
+                     out_dir / "grounding_predictions.json",
+                     "none: no ground truth" if acc is None
+                     else f"{100 * acc:.1f}% of {len(labelled)} with ground truth")
 
     def _log_accuracy(self, stage: str) -> None:
         counts = self._all_counts()
