@@ -624,7 +624,8 @@ def _pairs_dir(tmp: Path, entries: list | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
-                                          ("batch_size", "-2"), ("image_size", "0"), ("max_words", "0")])
+                                          ("batch_size", "-2"), ("image_size", "0"),
+                                          ("max_words", "0")])
 def test_cli_refuses_sizes_below_one_before_the_model_is_built(
     tmp_path, monkeypatch, capsys, option, value
 ):
