@@ -269,24 +269,31 @@ class ListedDataModule(L.LightningDataModule):
         return [item for item, good in zip(items, ok) if good]
 
     def _probe_decodable(self, items: list, split: str, files: list[str]) -> None:
-        """Raise ``ValueError`` when not one image file of ``items`` decodes. Stops at the
-        first that does, so a usable split costs one decode."""
-        seen: dict[str, None] = {}
+        """Raise ``ValueError`` when not one entry of ``items`` has all its image files
+        decoding. Stops at the first entry that does, so a usable split costs a decode or two;
+        each file is tried once."""
+        failures: dict[str, str] = {}
+        tried: set[str] = set()
+
+        def decodes(path: str) -> bool:
+            if path not in tried:
+                tried.add(path)
+                try:
+                    with Image.open(path) as img:
+                        img.convert("RGB")
+                except IMAGE_ERRORS as err:
+                    failures[path] = f"{type(err).__name__}: {str(err)[:60]}"
+            return path not in failures
+
         for item in items:
-            seen.update(dict.fromkeys(self._image_files(item)))
-        failures = []
-        for path in seen:
-            try:
-                with Image.open(path) as img:
-                    img.convert("RGB")
+            if all(decodes(path) for path in self._image_files(item)):
                 return
-            except IMAGE_ERRORS as err:
-                failures.append(f"{path} ({type(err).__name__}: {str(err)[:60]})")
-        if failures:
+        if items:
+            examples = "; ".join(f"{p} ({e})" for p, e in list(failures.items())[:3])
             raise ValueError(
-                f"{split}: none of the {len(failures)} images read from {', '.join(files)} "
-                f"could be decoded (e.g. {'; '.join(failures[:3])}); replace the files or "
-                "remove their entries")
+                f"{split}: not one of the {len(items)} {self.item_name} read from "
+                f"{', '.join(files)} can be decoded ({len(failures)} image files fail, e.g. "
+                f"{examples}); replace the files or remove their entries")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, so counts made in the workers arrive here with the batch.

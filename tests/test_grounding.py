@@ -593,7 +593,8 @@ def test_cli_a_training_file_whose_images_all_fail_to_decode_stops_before_traini
     err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
                        str(_tiny_override(tmp_path)), *data, "--data.train_file", train],
                       capsys)
-    assert f"train: none of the 1 images read from {train} could be decoded" in err
+    assert f"train: not one of the 4 expressions read from {train} can be decoded (1 image " \
+           "files fail, e.g. " in err
 
 
 def test_cli_a_reference_whose_size_is_not_its_images_is_refused(tmp_path, monkeypatch, capsys):
