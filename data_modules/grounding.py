@@ -66,6 +66,7 @@ from data_modules.listed import (
     as_file_list,
     check_files,
     check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -366,6 +367,7 @@ class GroundingDataModule(ListedDataModule):
         check_loader_options(image_size=image_size, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, num_workers=num_workers,
                              max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         files = (train_file, val_file, test_file, predict_file)
         if coco_instances and any(files):
             raise ValueError("data.coco_instances builds every split; leave train_file, "

@@ -27,7 +27,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_ERRORS", "SKIP_REASONS", "ImageEntryDataset", "ListedDataModule",
            "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_loader_options",
-           "check_train_batches", "load_json"]
+           "check_tokenizer", "check_train_batches", "load_json"]
 
 #: Why an entry was skipped: its image was absent at setup, or failed to decode.
 SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
@@ -72,6 +72,22 @@ def check_loader_options(**options: int) -> None:
         least = 0 if name == "num_workers" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
+
+
+def check_tokenizer(tokenizer: str | None) -> None:
+    """Raise ``ValueError`` naming ``data.tokenizer`` when it cannot be loaded (at
+    construction, before the model is built; the loaders would otherwise fail at the first
+    batch with the hub client's traceback)."""
+    from albef_pl.text import build_tokenizer
+
+    try:
+        build_tokenizer(tokenizer)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"data.tokenizer: cannot load a tokenizer from {tokenizer!r} ({err}). Give a "
+            "local directory with vocab.txt, a hub name with network access, or null for the "
+            "offline MiniLM package."
+        ) from err
 
 
 def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,

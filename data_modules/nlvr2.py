@@ -37,6 +37,7 @@ from data_modules.listed import (
     as_file_list,
     check_files,
     check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -253,6 +254,7 @@ class NLVR2DataModule(ListedDataModule):
         check_loader_options(image_size=image_size, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, num_workers=num_workers,
                              max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         self.save_hyperparameters()
 
     # ---- reading

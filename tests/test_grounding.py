@@ -632,3 +632,16 @@ def test_cli_predict_without_ground_truth_writes_the_chosen_boxes(tmp_path, monk
     err = _main_fails(["validate", "--config", str(SAMPLE_CONF), "--config",
                        str(_tiny_override(tmp_path)), *data, "--data.val_file", val], capsys)
     assert "val2.json: entry 0 (ref_id 3, image 'ok1.jpg') has no 'bbox'" in err
+
+
+def test_cli_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(GroundingTask, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       "--data.tokenizer", str(tmp_path / "no_tokenizer")], capsys)
+    assert f"data.tokenizer: cannot load a tokenizer from '{tmp_path / 'no_tokenizer'}'" in err

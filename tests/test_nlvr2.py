@@ -678,3 +678,14 @@ def test_cli_a_split_whose_images_all_fail_to_decode_stops_before_training(
     assert f"{split}: not one of the 2 pairs read from {broken} can be decoded (" in err
     assert f"e.g. {tmp_path / 'zero.jpg'} (UnidentifiedImageError" in err
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_cli_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(NLVR2Task, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
+                       "--data.tokenizer", str(tmp_path / "no_tokenizer")], capsys)
+    assert f"data.tokenizer: cannot load a tokenizer from '{tmp_path / 'no_tokenizer'}'" in err
