@@ -15,6 +15,9 @@ referred object::
      "width": 640, "height": 427,                       # the image's size (the boxes' frame)
      "split": "testA"}                                  # optional; reported per split
 
+A ``predict`` file may leave out ``bbox`` (no ground truth): the chosen box is still written,
+without IoU.
+
 Each text becomes one sample (accuracy counts expressions, as the original). The README
 shows how to write these files from the original's ``refcoco+_{val,test}.json``, refTools'
 refs and ``dets.json``.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -51,14 +55,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from albef_pl.text import CaptionTokenizer, pre_caption
 from albef_pl.transforms import grounding_transform
 from data_modules.listed import (
+    IMAGE_ERRORS,
     ImageEntryDataset,
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -100,13 +108,21 @@ class Ref:
     idx: int = 0
 
 
+def _is_number(value: Any) -> bool:
+    """A finite json number (not a bool, NaN or infinity: json.load reads NaN and Infinity,
+    and every comparison with NaN is false, so a NaN box would pass the checks below)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def check_box(box: Any, width: float, height: float, what: str) -> list[float]:
     """``box`` as [x, y, w, h] floats; ``ValueError`` (starting with ``what``) unless it has
     four numbers, a positive area, and lies inside the (width, height) image up to
     :data:`BORDER_TOLERANCE` pixels."""
     if (not isinstance(box, (list, tuple)) or len(box) < 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box[:4])):
-        raise ValueError(f"{what}: {str(box)[:80]} is not a box [x, y, w, h]")
+            or not all(_is_number(v) for v in box[:4])):
+        raise ValueError(f"{what}: {str(box)[:80]} is not a box [x, y, w, h] of finite "
+                         "numbers")
     x, y, w, h = (float(v) for v in box[:4])
     if w <= 0 or h <= 0:
         raise ValueError(f"{what}: box {[x, y, w, h]} has no area")
@@ -126,7 +142,7 @@ def _texts(value: Any) -> list[str] | None:
 
 def read_grounding_json(
     path: str | Path, image_root: str = "", with_boxes: bool = True, start: int = 0,
-    default_split: str = "val",
+    default_split: str = "val", require_bbox: bool = True,
 ) -> list[Ref]:
     """Read one grounding json file (see the module docstring for both layouts).
 
@@ -136,6 +152,8 @@ def read_grounding_json(
         with_boxes: an evaluation file (boxes, proposals and size required); else training.
         start: index of the file's first sample (files of one split are numbered on).
         default_split: subset name of entries without ``split``.
+        require_bbox: with ``with_boxes``, raise on an entry without ``bbox`` (predict files
+            may lack the ground truth; their entries get ``bbox`` None).
 
     Raises:
         ValueError: the file is not a non-empty list, or an entry is malformed; the message
@@ -152,27 +170,33 @@ def read_grounding_json(
         if texts is None or not isinstance(entry.get("image"), str):
             raise ValueError(f"{where} ({str(entry)[:120]}) lacks an 'image' string or a "
                              "'text' (a string or a list of strings)")
+        for text in texts:
+            if not pre_caption(text):
+                raise ValueError(f"{where} (ref_id {entry.get('ref_id', -1)!r}, image "
+                                 f"{entry['image']!r}): text {text!r} is empty once "
+                                 "punctuation is removed; give an expression or remove it")
         image = os.path.join(image_root, entry["image"])
         ref = Ref(image=image, text="", ref_id=entry.get("ref_id", -1),
                   split=str(entry.get("split", default_split)))
         if with_boxes:
             where = f"{where} (ref_id {ref.ref_id!r}, image {entry['image']!r})"
-            _read_boxes(entry, ref, where)
+            _read_boxes(entry, ref, where, require_bbox)
         for text in texts:
             refs.append(Ref(**{**vars(ref), "text": text, "index": start + len(refs)}))
     return refs
 
 
-def _read_boxes(entry: dict, ref: Ref, where: str) -> None:
+def _read_boxes(entry: dict, ref: Ref, where: str, require_bbox: bool = True) -> None:
     for key in ("bbox", "proposals", "width", "height"):
-        if key not in entry:
+        if key not in entry and (key != "bbox" or require_bbox):
             raise ValueError(f"{where} has no '{key}' (evaluation entries need bbox, "
-                             "proposals, width and height)")
+                             "proposals, width and height; predict entries may lack bbox)")
     width, height = entry["width"], entry["height"]
-    if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+    if not all(_is_number(v) and v > 0 for v in (width, height)):
         raise ValueError(f"{where}: width {width!r} and height {height!r} must be positive")
     ref.width, ref.height = int(width), int(height)
-    ref.bbox = check_box(entry["bbox"], width, height, f"{where}, bbox")
+    if "bbox" in entry:
+        ref.bbox = check_box(entry["bbox"], width, height, f"{where}, bbox")
     proposals = entry["proposals"]
     if not isinstance(proposals, list) or not proposals:
         raise ValueError(f"{where} has no proposals: at least one candidate box is needed")
@@ -195,9 +219,24 @@ def refs_from_coco_instances(
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise ValueError(f"{path}: not a COCO instances file (needs images, annotations and "
                          "categories)")
+    for key, fields in (("categories", ("id", "name")),
+                        ("annotations", ("id", "image_id", "category_id", "bbox")),
+                        ("images", ("id", "file_name", "width", "height"))):
+        for k, item in enumerate(data[key]):
+            lacks = [f for f in fields if not isinstance(item, dict) or f not in item]
+            if lacks:
+                raise ValueError(f"{path}: {key}[{k}] ({str(item)[:80]}) has no "
+                                 f"{', '.join(repr(f) for f in lacks)}")
     names = {c["id"]: c["name"] for c in data["categories"]}
+    for cat_id, name in names.items():
+        if not isinstance(name, str) or not pre_caption(name):
+            raise ValueError(f"{path}: category {cat_id} has the name {name!r}, which is no "
+                             "expression (empty once punctuation is removed)")
     boxes: dict[Any, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
+        if ann["category_id"] not in names:
+            raise ValueError(f"{path}: annotation {ann['id']} (image {ann['image_id']}) has "
+                             f"category_id {ann['category_id']!r}, which 'categories' lacks")
         boxes[ann["image_id"]].append(ann)
     out: dict[str, list[Ref]] = {"train": [], "val": []}
     for pos, img in enumerate(sorted(data["images"], key=lambda im: im["id"])):
@@ -257,7 +296,9 @@ class GroundingCollate:
             "num_skipped": len(items) - len(good),
         }
         if self.with_boxes:
-            batch["bbox"] = torch.tensor([r.bbox for r in refs], dtype=torch.float32)
+            # A predict entry without ground truth has a NaN box (IoU NaN: not scored).
+            batch["bbox"] = torch.tensor([r.bbox if r.bbox is not None else [math.nan] * 4
+                                          for r in refs], dtype=torch.float32)
             batch["proposals"] = [torch.tensor(r.proposals, dtype=torch.float32) for r in refs]
             batch["size"] = torch.tensor([[r.width, r.height] for r in refs], dtype=torch.long)
             batch["ref_id"] = [r.ref_id for r in refs]
@@ -295,6 +336,7 @@ class GroundingDataModule(ListedDataModule):
     """
 
     item_one, item_name = "expression", "expressions"
+    probe_decodable = True
 
     def __init__(
         self,
@@ -322,6 +364,10 @@ class GroundingDataModule(ListedDataModule):
         super().__init__()
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file, coco_instances=coco_instances)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         files = (train_file, val_file, test_file, predict_file)
         if coco_instances and any(files):
             raise ValueError("data.coco_instances builds every split; leave train_file, "
@@ -348,11 +394,21 @@ class GroundingDataModule(ListedDataModule):
                     h.coco_instances, h.image_root, h.sample_holdout_every,
                     h.sample_min_proposals)
             refs = self._sample["train" if split == "train" else "val"]
+            if not refs:
+                held = (f"held-out image (every {h.sample_holdout_every}th by id with at least "
+                        f"data.sample_min_proposals={h.sample_min_proposals} boxes)"
+                        if split != "train" else "training image")
+                raise ValueError(
+                    f"{split}: data.coco_instances {h.coco_instances} gives no reference: no "
+                    f"{held} has a category with exactly one non-crowd instance. Give a file "
+                    "with more images, or lower data.sample_min_proposals / "
+                    "data.sample_holdout_every")
             return [Ref(**vars(r)) for r in refs]  # each split gets its own copies
         refs: list[Ref] = []
         for f in files:
             refs += read_grounding_json(f, h.image_root, with_boxes=split != "train",
-                                        start=len(refs), default_split=split)
+                                        start=len(refs), default_split=split,
+                                        require_bbox=split != "predict")
         return refs
 
     def _roots(self) -> str:
@@ -363,6 +419,8 @@ class GroundingDataModule(ListedDataModule):
         ids: dict[str, int] = {}
         for ref in entries:  # one id per image file: every expression of it is a positive
             ref.idx = ids.setdefault(ref.image, len(ids))
+        if split != "train":
+            self._check_sizes(entries, split)
         if split == "train":
             # NOTE: the flip is the original's, although an expression may say "left" or
             # "right" of a flipped image; data.hflip false turns it off.
@@ -370,6 +428,28 @@ class GroundingDataModule(ListedDataModule):
             # other fine-tunes, so that the referred object is always in the picture.
             transform = grounding_transform(h.image_size, hflip=h.hflip)
         return GroundingDataset(entries, transform, h.max_words)
+
+    @staticmethod
+    def _check_sizes(entries: list[Ref], split: str) -> None:
+        """Raise ``ValueError`` naming the reference whose ``width``/``height`` (the frame of
+        its boxes) differ from its image file's: the map would be scored on the wrong frame,
+        silently (a wrong ``image_root`` or image). Reads image headers only; a file that does
+        not open is left to the loader, which skips and counts it."""
+        sizes: dict[str, tuple[int, int] | None] = {}
+        for ref in entries:
+            if ref.image not in sizes:
+                try:
+                    with Image.open(ref.image) as img:
+                        sizes[ref.image] = img.size
+                except IMAGE_ERRORS:
+                    sizes[ref.image] = None
+            size = sizes[ref.image]
+            if size is not None and size != (ref.width, ref.height):
+                raise ValueError(
+                    f"{split}: ref_id {ref.ref_id!r} ({ref.text!r}) gives its image as "
+                    f"{ref.width}x{ref.height}, but {ref.image} is {size[0]}x{size[1]}; its "
+                    "boxes would be scored on the wrong frame. Check data.image_root and the "
+                    "entry's image, width and height")
 
     def _describe(self, split: str, entries: list[Ref]) -> None:
         images = len({r.image for r in entries})

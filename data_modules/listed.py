@@ -26,8 +26,8 @@ from albef_pl.transforms import eval_transform, finetune_transform
 _logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_ERRORS", "SKIP_REASONS", "ImageEntryDataset", "ListedDataModule",
-           "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_train_batches",
-           "load_json"]
+           "UnpaddedDistributedSampler", "as_file_list", "check_files", "check_loader_options",
+           "check_tokenizer", "check_train_batches", "load_json"]
 
 #: Why an entry was skipped: its image was absent at setup, or failed to decode.
 SKIP_REASONS: tuple[str, ...] = ("missing_image", "corrupt_image")
@@ -60,6 +60,34 @@ def check_files(**options: str | list[str] | None) -> None:
         for f in [value] if isinstance(value, str) else list(value or []):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"data.{name}: no file at {f}")
+
+
+def check_loader_options(**options: int) -> None:
+    """Raise ``ValueError`` naming the option unless ``num_workers`` is at least 0 and every
+    other option (sizes: ``image_size``, ``batch_size``, ``eval_batch_size``, ``max_words``
+    ...) at least 1 (at
+    construction, so that the CLI reports it before the model is built; a batch size of 0
+    otherwise ends in a DataLoader traceback or a division by zero)."""
+    for name, value in options.items():
+        least = 0 if name == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
+
+
+def check_tokenizer(tokenizer: str | None) -> None:
+    """Raise ``ValueError`` naming ``data.tokenizer`` when it cannot be loaded (at
+    construction, before the model is built; the loaders would otherwise fail at the first
+    batch with the hub client's traceback)."""
+    from albef_pl.text import build_tokenizer
+
+    try:
+        build_tokenizer(tokenizer)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"data.tokenizer: cannot load a tokenizer from {tokenizer!r} ({err}). Give a "
+            "local directory with vocab.txt, a hub name with network access, or null for the "
+            "offline MiniLM package."
+        ) from err
 
 
 def check_train_batches(n: int, batch_size: int, drop_last: bool, world_size: int,
@@ -120,6 +148,10 @@ class ListedDataModule(L.LightningDataModule):
     item_name = "entries"
     #: The option naming the training files, for the message when it is missing.
     train_option = "train_file"
+    #: Check at setup (with ``check_images``) that at least one image of each split decodes:
+    #: a split of nothing but undecodable files otherwise trains on nothing and reports
+    #: success, or fails only after a whole training epoch, leaving no checkpoint.
+    probe_decodable = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,6 +200,8 @@ class ListedDataModule(L.LightningDataModule):
             entries = self._read(split, files)
             if h.check_images:
                 entries = self._drop_missing(entries, split)
+                if self.probe_decodable:
+                    self._probe_decodable(entries, split, files)
             if not entries:
                 raise ValueError(f"{split}: no {self.item_one} of {', '.join(files)} has its "
                                  f"image under {self._roots()}")
@@ -249,6 +283,33 @@ class ListedDataModule(L.LightningDataModule):
                 ", ".join(names[:NAMED_MISSING]),
             )
         return [item for item, good in zip(items, ok) if good]
+
+    def _probe_decodable(self, items: list, split: str, files: list[str]) -> None:
+        """Raise ``ValueError`` when not one entry of ``items`` has all its image files
+        decoding. Stops at the first entry that does, so a usable split costs a decode or two;
+        each file is tried once."""
+        failures: dict[str, str] = {}
+        tried: set[str] = set()
+
+        def decodes(path: str) -> bool:
+            if path not in tried:
+                tried.add(path)
+                try:
+                    with Image.open(path) as img:
+                        img.convert("RGB")
+                except IMAGE_ERRORS as err:
+                    failures[path] = f"{type(err).__name__}: {str(err)[:60]}"
+            return path not in failures
+
+        for item in items:
+            if all(decodes(path) for path in self._image_files(item)):
+                return
+        if items:
+            examples = "; ".join(f"{p} ({e})" for p, e in list(failures.items())[:3])
+            raise ValueError(
+                f"{split}: not one of the {len(items)} {self.item_name} read from "
+                f"{', '.join(files)} can be decoded ({len(failures)} image files fail, e.g. "
+                f"{examples}); replace the files or remove their entries")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, so counts made in the workers arrive here with the batch.

@@ -36,6 +36,8 @@ from data_modules.listed import (
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -116,6 +118,10 @@ def read_nlvr2_json(
                              "image paths (left, right)")
         if not isinstance(entry.get("sentence"), str):
             raise ValueError(f"{where} (images {images}) lacks a 'sentence' string")
+        if not pre_caption(entry["sentence"]):
+            raise ValueError(f"{where} (images {images}): sentence {entry['sentence']!r} is "
+                             "empty once punctuation is removed; give a statement or remove "
+                             "the entry")
         if "label" in entry:
             try:
                 label = parse_nlvr2_label(entry["label"])
@@ -221,6 +227,7 @@ class NLVR2DataModule(ListedDataModule):
     """
 
     item_one, item_name = "pair", "pairs"
+    probe_decodable = True
 
     def __init__(
         self,
@@ -244,6 +251,10 @@ class NLVR2DataModule(ListedDataModule):
         super().__init__()
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         self.save_hyperparameters()
 
     # ---- reading

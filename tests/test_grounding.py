@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,15 @@ def test_reference_file_layout_and_every_text_is_a_sample(tmp_path):
     (_ref(proposals=[[1, 1, 5]]), r"proposal 0: \[1, 1, 5\] is not a box"),
     ({k: v for k, v in _ref().items() if k != "width"}, r"ref_id 7.* has no 'width'"),
     ({"image": "a.jpg"}, r"entry 0 .* lacks an 'image' string or a 'text'"),
+    (_ref(bbox=[math.nan, 3.0, 10.0, 12.0]), r"bbox: \[nan, 3\.0, 10\.0, 12\.0\] is not a box"),
+    (_ref(proposals=[[1, 1, 5, math.inf]]), r"proposal 0: .* is not a box .* finite numbers"),
+    (_ref(bbox=[True, 3.0, 10.0, 12.0]), r"bbox: .* is not a box"),
+    (_ref(width=True, height=True), r"width True and height True must be positive"),
+    (_ref(height=math.nan), r"width 40 and height nan must be positive"),
+    (_ref(text=["dog", ""]), r"entry 0 \(ref_id 7, image 'a\.jpg'\): text '' is empty once "
+                             r"punctuation is removed"),
+    (_ref(text="?!..."), r"entry 0 .*: text '\?!\.\.\.' is empty"),
+    ({"image": "a.jpg", "text": "  "}, r"entry 0 \(ref_id -1, image 'a\.jpg'\): text '  '"),
 ])
 def test_bad_reference_entries_name_the_file_and_entry(tmp_path, entry, message):
     f = _write(tmp_path / "refs.json", [entry])
@@ -429,3 +439,209 @@ def test_paper_recipe_values(capsys):
     monitors = [c["init_args"].get("monitor") for c in trainer["callbacks"]
                 if c["class_path"].endswith("ModelCheckpoint")]
     assert monitors == ["val/acc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the CLI: one line, exit status 2, no traceback
+def _refuse_to_build(cls, monkeypatch) -> None:
+    """Make building ``cls`` fail the test (its signature kept for the CLI's parser)."""
+    import functools
+
+    @functools.wraps(cls.__init__)
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{cls.__name__} was built before the bad option was refused")
+
+    monkeypatch.setattr(cls, "__init__", refuse)
+
+
+def _main_fails(args: list[str], capsys) -> str:
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _own_files(tmp: Path, val_entries: list | None = None) -> list[str]:
+    """Images, a training file and an evaluation file under ``tmp`` (instead of the COCO
+    sample), as data options."""
+    for k in range(3):
+        _image(tmp / f"ok{k}.jpg")
+    train = _write(tmp / "train.json", [{"image": f"ok{k % 3}.jpg", "text": f"thing {k}"}
+                                        for k in range(4)])
+    val = _write(tmp / "val.json", val_entries if val_entries is not None else
+                 [_ref(ref_id=k, image=f"ok{k % 3}.jpg") for k in range(3)])
+    return ["--data.image_root", str(tmp), "--data.coco_instances", "null",
+            "--data.train_file", train, "--data.val_file", val, "--data.test_file", val,
+            "--data.drop_last", "false", "--data.batch_size", "4"]
+
+
+@pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
+                                          ("image_size", "-1"), ("max_words", "0")])
+def test_cli_refuses_sizes_below_one_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys, option, value
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(GroundingTask, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       f"--data.{option}", value], capsys)
+    assert f"data.{option} must be an integer >= 1, got {value}" in err
+
+
+def _instances(tmp: Path, change) -> str:
+    data = {"images": [{"id": k, "file_name": f"ok{k % 3}.jpg", "width": 40, "height": 30}
+                       for k in range(8)],
+            "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+            "annotations": [{"id": 10 * k + j, "image_id": k, "category_id": 1 + j % 2,
+                             "bbox": [1 + 5 * j, 2, 8, 9], "iscrowd": 0}
+                            for k in range(8) for j in range(3)]}
+    change(data)
+    return _write(tmp / "instances.json", data)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["annotations"][0].update(category_id=9),
+     r"instances\.json: annotation 0 \(image 0\) has category_id 9, which 'categories' lacks"),
+    (lambda d: d["annotations"][1].pop("bbox"),
+     r"instances\.json: annotations\[1\] .* has no 'bbox'"),
+    (lambda d: d["images"][2].pop("width"), r"instances\.json: images\[2\] .* has no 'width'"),
+    # every category twice in every image: no unambiguous reference
+    (lambda d: d["annotations"].extend({**a, "id": a["id"] + 1000} for a in list(
+        d["annotations"])), r"train: data\.coco_instances .* gives no reference: no training "
+                            r"image has a category with exactly one"),
+    (lambda d: d.update(annotations=[]), r"train: data\.coco_instances .* gives no reference"),
+    (lambda d: d["categories"][1].update(name="?"),
+     r"instances\.json: category 2 has the name '\?', which is no expression"),
+])
+def test_cli_coco_instances_that_give_no_reference_or_lack_fields_are_one_line(
+    tmp_path, monkeypatch, capsys, change, message
+):
+    monkeypatch.chdir(ROOT)
+    for k in range(3):
+        _image(tmp_path / f"ok{k}.jpg")
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), "--data.image_root", str(tmp_path),
+                       "--data.coco_instances", _instances(tmp_path, change)], capsys)
+    assert re.search(message, err), err
+
+
+def test_coco_instances_held_out_images_without_enough_boxes_say_so(tmp_path):
+    f = _instances(tmp_path, lambda d: None)
+    dm = GroundingDataModule(str(tmp_path), coco_instances=f, sample_min_proposals=4)
+    for k in range(3):
+        _image(tmp_path / f"ok{k}.jpg")
+    with pytest.raises(ValueError, match=r"val: data\.coco_instances .* no held-out image "
+                                         r"\(every 4th by id with at least data\.sample_min_"
+                                         r"proposals=4 boxes\)"):
+        dm.setup("validate")
+
+
+def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    data = _own_files(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    predict = _write(tmp_path / "predict.json", [_ref(image="zero.jpg")])
+    out = tmp_path / "out"
+    err = _main_fails(["predict", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.predict_file", predict,
+                       "--model.predict_dir", str(out),
+                       "--data.check_images", "false"], capsys)  # found in the pass, not setup
+    assert f"error: predict: none of the 2 images read from {predict} could be decoded" in err
+    assert not (out / "grounding_predictions.json").exists()
+
+
+@pytest.mark.parametrize("mode,block,message", [
+    ("itm", "99", r"model\.block_num=99 is not a fusion layer: layers 2\.\.3 cross-attend"),
+    ("itm", "-1", r"model\.block_num=-1 is not a fusion layer: layers 2\.\.3"),
+    ("itm", "1", r"model\.block_num=1 is not a fusion layer"),
+    ("itc", "2", r"model\.block_num=2 is not a ViT block \(gradcam_mode itc; the ViT has 2 "
+                 r"blocks, -2\.\.1\)"),
+])
+def test_cli_block_num_outside_the_model_is_refused_before_weights_are_built(
+    tmp_path, monkeypatch, capsys, mode, block, message
+):
+    from albef_pl.tasks.retrieval import RetrievalTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(RetrievalTask, monkeypatch)  # GroundingTask's weights: its base's init
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       "--model.gradcam_mode", mode, "--model.block_num", block], capsys)
+    assert re.search(message, err), err
+
+
+def test_cli_a_training_file_whose_images_all_fail_to_decode_stops_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    data = _own_files(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    train = _write(tmp_path / "broken.json", [{"image": "zero.jpg", "text": "a dog"}] * 4)
+    monkeypatch.setattr(GroundingTask, "training_step",
+                        lambda *a, **k: pytest.fail("trained on images that cannot decode"))
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.train_file", train],
+                      capsys)
+    assert f"train: not one of the 4 expressions read from {train} can be decoded (1 image " \
+           "files fail, e.g. " in err
+
+
+def test_cli_a_reference_whose_size_is_not_its_images_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    _image(tmp_path / "wide.jpg", size=(400, 3))
+    refs = [_ref(ref_id=k, image=f"ok{k % 3}.jpg") for k in range(2)] + [
+        _ref(ref_id=5, image="wide.jpg", text="a dog")]
+    data = _own_files(tmp_path, refs)
+    err = _main_fails(["validate", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data], capsys)
+    assert f"val: ref_id 5 ('a dog') gives its image as 40x30, but {tmp_path / 'wide.jpg'} " \
+           "is 400x3" in err
+
+
+def test_cli_predict_without_ground_truth_writes_the_chosen_boxes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    data = _own_files(tmp_path)
+    unlabelled = {k: v for k, v in _ref(ref_id=3, image="ok1.jpg", text="a cat").items()
+                  if k != "bbox"}
+    predict = _write(tmp_path / "predict.json", [_ref(ref_id=2, image="ok0.jpg", text="dog"),
+                                                 unlabelled])
+    out = tmp_path / "out"
+    from albef_pl.cli import run_cli
+
+    run_cli(["predict", "--config", str(SAMPLE_CONF), "--config", str(_tiny_override(tmp_path)),
+             *data, "--data.predict_file", predict, "--model.predict_dir", str(out)])
+    written = json.loads((out / "grounding_predictions.json").read_text())
+    rows = {r["ref_id"]: r for r in written["expressions"]}
+    assert rows[3]["bbox"] is None and rows[3]["iou"] is None and rows[3]["correct"] is None
+    assert rows[3]["box"] in ([2.0, 3.0, 10.0, 12.0], [20.0, 5.0, 15.0, 20.0])
+    assert rows[2]["bbox"] == [2.0, 3.0, 10.0, 12.0] and isinstance(rows[2]["correct"], bool)
+    assert written["acc"] == float(rows[2]["correct"])  # over the expression with a box
+    # fit, validate and test still need the ground truth
+    val = _write(tmp_path / "val2.json", [unlabelled])
+    err = _main_fails(["validate", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, "--data.val_file", val], capsys)
+    assert "val2.json: entry 0 (ref_id 3, image 'ok1.jpg') has no 'bbox'" in err
+
+
+def test_cli_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys
+):
+    from albef_pl.tasks.grounding import GroundingTask
+
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(GroundingTask, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_own_files(tmp_path),
+                       "--data.tokenizer", str(tmp_path / "no_tokenizer")], capsys)
+    assert f"data.tokenizer: cannot load a tokenizer from '{tmp_path / 'no_tokenizer'}'" in err

@@ -459,6 +459,10 @@ def test_missing_and_corrupt_images_are_named_and_counted(tmp_path, caplog):
     ({"images": ["a.png", "b.png"], "sentence": "s", "label": "yes"},
      r"entry 1 \(images \['a.png', 'b.png'\]\): label 'yes' is not one of"),
     ({"images": ["a.png", "b.png"], "sentence": "s"}, r"entry 1 .* has no 'label'"),
+    ({"images": ["a.png", "b.png"], "sentence": "", "label": 1},
+     r"entry 1 \(images .*\): sentence '' is empty once punctuation is removed"),
+    ({"images": ["a.png", "b.png"], "sentence": " ?!... ", "label": 1},
+     r"entry 1 .*: sentence ' \?!\.\.\. ' is empty"),
 ])
 def test_bad_entries_name_the_file_and_the_entry(tmp_path, entry, message):
     good = {"images": ["a.png", "b.png"], "sentence": "s", "label": "False"}
@@ -579,3 +583,109 @@ def test_text_assignment_fits_under_lightning_without_a_teacher():
     assert torch.equal(task.model.vision_proj.weight, proj)  # frozen, as never updated there
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the CLI: one line, exit status 2, no traceback
+def _refuse_to_build(cls, monkeypatch) -> None:
+    """Make building ``cls`` fail the test (its signature kept for the CLI's parser)."""
+    import functools
+
+    @functools.wraps(cls.__init__)
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{cls.__name__} was built before the bad option was refused")
+
+    monkeypatch.setattr(cls, "__init__", refuse)
+
+
+def _main_fails(args: list[str], capsys) -> str:
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _pairs_dir(tmp: Path, entries: list | None = None) -> list[str]:
+    """Three small images and an NLVR2 file of four pairs (or ``entries``) under ``tmp``, as
+    data options for every split."""
+    for k in range(3):
+        Image.new("RGB", (40, 30), (80 * k, 90, 120)).save(tmp / f"ok{k}.jpg")
+    if entries is None:
+        entries = [{"images": [f"ok{k % 3}.jpg", f"ok{(k + 1) % 3}.jpg"], "sentence": "a dog",
+                    "label": bool(k % 2)} for k in range(4)]
+    path = _write(tmp, entries)
+    return ["--data.image_root", str(tmp), "--data.train_file", str(path),
+            "--data.val_file", str(path), "--data.test_file", str(path),
+            "--data.drop_last", "false"]
+
+
+@pytest.mark.parametrize("option,value", [("batch_size", "0"), ("eval_batch_size", "0"),
+                                          ("batch_size", "-2"), ("image_size", "0"),
+                                          ("max_words", "0")])
+def test_cli_refuses_sizes_below_one_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys, option, value
+):
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(NLVR2Task, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
+                       f"--data.{option}", value], capsys)
+    assert f"data.{option} must be an integer >= 1, got {value}" in err
+
+
+def test_cli_predict_on_a_file_whose_images_all_fail_to_decode_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ALBEF_PL_TRACEBACK", raising=False)
+    data = _pairs_dir(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok0.jpg").read_bytes()[:200])
+    (tmp_path / "predict.json").write_text(json.dumps([
+        {"images": ["zero.jpg", "ok1.jpg"], "sentence": "a dog"},
+        {"images": ["ok2.jpg", "cut.jpg"], "sentence": "two dogs"}]))
+    err = _main_fails(["predict", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data,
+                       "--data.predict_file", str(tmp_path / "predict.json"),
+                       "--data.check_images", "false"], capsys)  # found in the pass, not setup
+    assert f"error: predict: none of the 2 images read from {tmp_path / 'predict.json'} " \
+           "could be decoded" in err
+    assert not (tmp_path / "predictions" / "nlvr2_predictions.json").exists()
+
+
+@pytest.mark.parametrize("split,mixed", [("train", False), ("val", False), ("train", True)])
+def test_cli_a_split_whose_images_all_fail_to_decode_stops_before_training(
+    tmp_path, monkeypatch, capsys, split, mixed
+):
+    monkeypatch.chdir(ROOT)
+    data = _pairs_dir(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok0.jpg").read_bytes()[:200])
+    broken = tmp_path / "broken.json"
+    good = "ok1.jpg" if mixed else "cut.jpg"  # mixed: each pair has one image that decodes
+    broken.write_text(json.dumps([{"images": ["zero.jpg", good], "sentence": "a dog",
+                                   "label": True}, {"images": [good, "cut.jpg"],
+                                                    "sentence": "no dog", "label": False}]))
+    monkeypatch.setattr(NLVR2Task, "training_step",
+                        lambda *a, **k: pytest.fail("trained on a split that cannot decode"))
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *data, f"--data.{split}_file",
+                       str(broken)], capsys)
+    assert f"{split}: not one of the 2 pairs read from {broken} can be decoded (" in err
+    assert f"e.g. {tmp_path / 'zero.jpg'} (UnidentifiedImageError" in err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_cli_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    _refuse_to_build(NLVR2Task, monkeypatch)
+    err = _main_fails(["fit", "--config", str(SAMPLE_CONF), "--config",
+                       str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
+                       "--data.tokenizer", str(tmp_path / "no_tokenizer")], capsys)
+    assert f"data.tokenizer: cannot load a tokenizer from '{tmp_path / 'no_tokenizer'}'" in err

@@ -27,9 +27,9 @@ from albef_pl.grounding import (
     IOU_THRESHOLD,
     best_box,
     box_iou_inclusive,
-    fusion_attention,
     gradcam,
 )
+from albef_pl.models.text import TextConfig
 from albef_pl.tasks.retrieval import RetrievalTask
 
 _logger = logging.getLogger(__name__)
@@ -60,6 +60,39 @@ class GroundingExample:
     iou: float
     width: int
     height: int
+
+
+def _check_block_num(mode: str, block_num: int, vision: Any = None, text: Any = None, *,
+                     depth: int | None = None, num_text: int | None = None,
+                     num_fusion: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``model.block_num`` unless it is a fusion layer (``itm``,
+    counted over text then fusion layers) or a ViT block (``itc``, negative from the end).
+    Sizes come from the built model, or else from the ``vision`` and ``text`` configurations
+    (configs or dicts, as the task receives them; what they leave open is not checked)."""
+    if mode == "itm":
+        if num_text is None:
+            if isinstance(text, dict):
+                text = TextConfig(**text)
+            if not isinstance(text, TextConfig):
+                text = TextConfig() if text is None else None
+            if text is None:
+                return
+            num_text = text.num_text_layers
+            num_fusion = text.to_bert_config().num_hidden_layers - num_text
+        if not num_text <= block_num < num_text + num_fusion:
+            raise ValueError(
+                f"model.block_num={block_num} is not a fusion layer: layers {num_text}.."
+                f"{num_text + num_fusion - 1} cross-attend to the image ({num_text} text "
+                f"layers, {num_fusion} fusion layers; gradcam_mode itm)")
+        return
+    if depth is None:
+        depth = vision.get("depth") if isinstance(vision, dict) else getattr(vision, "depth",
+                                                                             None)
+        if depth is None:  # the timm model's own depth: checked once it is built
+            return
+    if not -depth <= block_num < depth:
+        raise ValueError(f"model.block_num={block_num} is not a ViT block (gradcam_mode itc; "
+                         f"the ViT has {depth} blocks, -{depth}..{depth - 1})")
 
 
 class GroundingTask(RetrievalTask):
@@ -95,6 +128,9 @@ class GroundingTask(RetrievalTask):
                              f"got {gradcam_mode!r}")
         if num_examples < 0:
             raise ValueError(f"model.num_examples must be >= 0, got {num_examples}")
+        if block_num is not None:  # before any weight is built or loaded
+            _check_block_num(gradcam_mode, int(block_num), kwargs.get("vision"),
+                             kwargs.get("text"))
         super().__init__(*args, **kwargs)
         self.save_hyperparameters("gradcam_mode", "block_num", "num_examples")
         self._check_block()
@@ -116,13 +152,11 @@ class GroundingTask(RetrievalTask):
         return 2 * len(self.model.visual_encoder.blocks) // 3
 
     def _check_block(self) -> None:
-        if self.hparams.gradcam_mode == "itm":
-            fusion_attention(self.model, self.block_num)  # raises naming the valid range
-            return
-        depth = len(self.model.visual_encoder.blocks)
-        if not -depth <= self.block_num < depth:
-            raise ValueError(f"model.block_num={self.block_num} is not a ViT block "
-                             f"(gradcam_mode itc; the ViT has {depth} blocks)")
+        """The built model's layers (the default, or a ``block_num`` set after building)."""
+        _check_block_num(self.hparams.gradcam_mode, self.block_num,
+                         depth=len(self.model.visual_encoder.blocks),
+                         num_text=len(self.model.text_encoder.layers),
+                         num_fusion=len(self.model.fusion_encoder.layers))
 
     # ---- evaluation
     def ground(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -193,19 +227,22 @@ class GroundingTask(RetrievalTask):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per expression: ``ref_id``, ``text``, ``image``, the chosen ``box``, the ground
-        truth ``bbox``, their ``iou`` and ``correct``; also written, for every process's
+        truth ``bbox``, their ``iou`` and ``correct`` (these three None for an entry without
+        ground truth); also written, for every process's
         expressions, to ``grounding_predictions.json`` in ``predict_dir``."""
         if "image" not in batch:
             return []
         out = self.ground(batch)
-        rows = [
-            {"ref_id": batch["ref_id"][b], "text": batch["text"][b],
-             "image": batch["image_path"][b], "split": batch["split"][b],
-             "box": batch["proposals"][b][int(out["chosen"][b])].tolist(),
-             "bbox": batch["bbox"][b].tolist(), "iou": round(float(out["iou"][b]), 4),
-             "correct": bool(out["iou"][b] >= IOU_THRESHOLD)}
-            for b in range(len(batch["text"]))
-        ]
+        rows = []
+        for b in range(len(batch["text"])):
+            labelled = not bool(batch["bbox"][b].isnan().any())  # a NaN box: no ground truth
+            rows.append({
+                "ref_id": batch["ref_id"][b], "text": batch["text"][b],
+                "image": batch["image_path"][b], "split": batch["split"][b],
+                "box": batch["proposals"][b][int(out["chosen"][b])].tolist(),
+                "bbox": batch["bbox"][b].tolist() if labelled else None,
+                "iou": round(float(out["iou"][b]), 4) if labelled else None,
+                "correct": bool(out["iou"][b] >= IOU_THRESHOLD) if labelled else None})
         self._predictions.extend(rows)
         return rows
 
@@ -225,6 +262,9 @@ class GroundingTask(RetrievalTask):
         self._log_accuracy("test")
 
     def on_predict_epoch_end(self) -> None:
+        # A pass that decoded no image is refused, not written as an empty predictions file
+        # (accuracy 0% of 0 expressions) over a good one.
+        self.check_evaluation_data("predict")
         self._reset_eval()
         rows = self._predictions
         if self.trainer.world_size > 1 and dist.is_initialized():
@@ -235,12 +275,15 @@ class GroundingTask(RetrievalTask):
             return
         out_dir = self._predict_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
-        acc = sum(r["correct"] for r in rows) / max(1, len(rows))
+        labelled = [r for r in rows if r["correct"] is not None]
+        acc = sum(r["correct"] for r in labelled) / len(labelled) if labelled else None
         settings = {"gradcam_mode": self.hparams.gradcam_mode, "block_num": self.block_num}
         with open(out_dir / "grounding_predictions.json", "w") as f:
             json.dump({"settings": settings, "acc": acc, "expressions": rows}, f, indent=1)
-        _logger.info("predictions written to %s (accuracy %.1f%% of %d expressions)",
-                     out_dir / "grounding_predictions.json", 100 * acc, len(rows))
+        _logger.info("predictions of %d expressions written to %s (accuracy %s)", len(rows),
+                     out_dir / "grounding_predictions.json",
+                     "none: no ground truth" if acc is None
+                     else f"{100 * acc:.1f}% of {len(labelled)} with ground truth")
 
     def _log_accuracy(self, stage: str) -> None:
         counts = self._all_counts()

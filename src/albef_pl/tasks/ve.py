@@ -193,6 +193,9 @@ class VisualEntailmentTask(ALBEFTask):
         return {"image": batch["image_path"][i], "sentence": batch["sentence"][i]}
 
     def on_predict_epoch_end(self) -> None:
+        # A pass that decoded no image is refused, not written as an empty predictions file
+        # over a good one.
+        self.check_evaluation_data("predict")
         rows = self._predictions
         if self.trainer.world_size > 1:
             parts: list[list[dict[str, Any]]] = [[] for _ in range(self.trainer.world_size)]
