@@ -240,3 +240,50 @@ def test_fresh_fit_into_a_folder_holding_a_run_says_how_to_continue(tmp_path, ca
     ALBEFCLI.warn_earlier_run(fake(None))
     assert f"{tmp_path / 'checkpoints'} already holds last.ckpt" in caplog.text
     assert "add --ckpt_path last" in caplog.text
+
+
+MONITORED = [c for c in CONFIGS if "monitor:" in (ROOT / c).read_text()]
+
+
+@pytest.mark.parametrize("config", MONITORED)
+def test_last_checkpoint_is_the_newest_epoch_when_the_metric_stops_improving(config, tmp_path):
+    """Lightning rewrites a monitored callback's last.ckpt only when the metric improves, so a
+    crashed run would resume from its best epoch; every config with a monitored metric also
+    keeps the newest epoch as last.ckpt."""
+    import importlib
+
+    import lightning as L
+    import yaml
+
+    callbacks = []
+    for spec in yaml.safe_load((ROOT / config).read_text())["trainer"]["callbacks"]:
+        module, _, name = spec["class_path"].rpartition(".")
+        if name != "ModelCheckpoint":
+            continue
+        args = dict(spec.get("init_args") or {}, dirpath=str(tmp_path))
+        callbacks.append(getattr(importlib.import_module(module), name)(**args))
+    monitored = [cb for cb in callbacks if cb.monitor]
+    assert len(monitored) == 1 and len(callbacks) == 2
+    metric, mode = monitored[0].monitor, monitored[0].mode
+
+    class Worsening(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            value = float(self.current_epoch) * (1.0 if mode == "min" else -1.0)
+            self.log(metric, value)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2)
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=callbacks,
+              enable_progress_bar=False, enable_model_summary=False).fit(Worsening(), data, data)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2  # the newest, not the best (epoch 0)
+    assert torch.load(monitored[0].best_model_path, weights_only=False)["epoch"] == 0

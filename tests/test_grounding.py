@@ -438,7 +438,7 @@ def test_paper_recipe_values(capsys):
     assert trainer["inference_mode"] is False
     monitors = [c["init_args"].get("monitor") for c in trainer["callbacks"]
                 if c["class_path"].endswith("ModelCheckpoint")]
-    assert monitors == ["val/acc"]
+    assert monitors == ["val/acc", None]  # the best by val/acc, and the newest as last.ckpt
 
 
 # ---------------------------------------------------------------------------------------------
