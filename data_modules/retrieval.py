@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from albef_pl.errors import data_errors
 from albef_pl.text import CaptionTokenizer, is_usable_caption, pre_caption
 from albef_pl.transforms import eval_transform, finetune_transform
+from data_modules.listed import check_loader_options, check_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -318,6 +319,10 @@ class RetrievalDataModule(L.LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, text_batch_size=text_batch_size,
+                             num_workers=num_workers, max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         self.save_hyperparameters()
         self.train_set: RetrievalTrainDataset | None = None
         self.eval_sets: dict[str, tuple[list[str], list[str], list[int]]] = {}

@@ -35,6 +35,8 @@ from data_modules.listed import (
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -223,6 +225,10 @@ class VEDataModule(ListedDataModule):
         super().__init__()
         check_files(train_file=train_file, val_file=val_file, test_file=test_file,
                     predict_file=predict_file)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length, max_words=max_words)
+        check_tokenizer(tokenizer)
         self.save_hyperparameters()
 
     # ---- reading

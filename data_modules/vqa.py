@@ -41,6 +41,8 @@ from data_modules.listed import (
     ListedDataModule,
     as_file_list,
     check_files,
+    check_loader_options,
+    check_tokenizer,
     load_json,
 )
 
@@ -264,6 +266,11 @@ class VQADataModule(ListedDataModule):
         super().__init__()
         check_files(train_files=train_files, val_file=val_file, test_file=test_file,
                     predict_file=predict_file, answer_list=answer_list)
+        check_loader_options(image_size=image_size, batch_size=batch_size,
+                             eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             max_length=max_length, answer_max_length=answer_max_length,
+                             max_words=max_words, eval_max_words=eval_max_words)
+        check_tokenizer(tokenizer)
         self.save_hyperparameters()
         self._candidates: dict[str, Any] | None = None
 

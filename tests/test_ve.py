@@ -445,3 +445,25 @@ def test_cli_validation_whose_images_all_fail_to_decode_names_the_file(
     assert (f"val: none of the 2 images read from {tmp_path / 'val.json'} could be decoded"
             in err)
     assert "monitored key" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("module, option, value", [
+    ("ve", "batch_size", 0), ("ve", "eval_batch_size", 0), ("ve", "max_words", 0),
+    ("vqa", "batch_size", -2), ("vqa", "answer_max_length", 0),
+    ("retrieval", "text_batch_size", 0), ("retrieval", "num_workers", -1),
+])
+def test_fine_tuning_data_sizes_below_their_minimum_are_refused_by_name(module, option, value,
+                                                                       tmp_path):
+    """At construction (before the model is built), not as a DataLoader traceback later."""
+    from data_modules.retrieval import RetrievalDataModule
+    from data_modules.vqa import VQADataModule
+
+    cls = {"ve": VEDataModule, "vqa": VQADataModule, "retrieval": RetrievalDataModule}[module]
+    kwargs = {"vqa_root" if module == "vqa" else "image_root": str(tmp_path)}
+    with pytest.raises(ValueError, match=rf"data\.{option} must be an integer >= \d, got {value}"):
+        cls(**kwargs, **{option: value})
+
+
+def test_fine_tuning_tokenizer_that_cannot_load_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.tokenizer: cannot load a tokenizer from"):
+        VEDataModule(str(tmp_path), tokenizer=str(tmp_path / "no_vocab"))
