@@ -10,7 +10,7 @@ STAMP := $(VENV)/.albef_pl_installed
 .PHONY: install test demo pretrain pretrain-4m pretrain-sample shards-sample shards-demo \
         finetune-retrieval-coco finetune-retrieval-flickr finetune-retrieval-sample \
         finetune-ve finetune-ve-sample finetune-vqa finetune-vqa-sample \
-        finetune-nlvr2-ta finetune-nlvr2 finetune-nlvr2-sample \
+        finetune-nlvr2-ta finetune-nlvr2-ta-sample finetune-nlvr2 finetune-nlvr2-sample \
         finetune-grounding finetune-grounding-sample bench bench-quick clean
 
 install: $(STAMP)
@@ -89,6 +89,10 @@ finetune-vqa-sample: install
 
 finetune-nlvr2-ta: install
 	$(CLI) fit --config conf/finetune/nlvr2_ta.yaml $(ARGS)
+
+finetune-nlvr2-ta-sample: install shards-sample
+	@case "$(ARGS)" in *init_checkpoint*) ;; *) test -f runs/coco_sample/checkpoints/last.ckpt || { echo "no pre-trained checkpoint at runs/coco_sample/checkpoints/last.ckpt: run 'make pretrain-sample' first (or ARGS='--model.init_checkpoint null' to start from MiniLM and a random ViT)"; exit 1; } ;; esac
+	$(CLI) fit --config conf/finetune/nlvr2_ta_sample.yaml $(ARGS)
 
 finetune-nlvr2: install
 	$(CLI) fit --config conf/finetune/nlvr2.yaml $(ARGS)

@@ -689,3 +689,48 @@ def test_cli_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(
                        str(_tiny_override(tmp_path)), *_pairs_dir(tmp_path),
                        "--data.tokenizer", str(tmp_path / "no_tokenizer")], capsys)
     assert f"data.tokenizer: cannot load a tokenizer from '{tmp_path / 'no_tokenizer'}'" in err
+
+
+@requires_shared
+def test_cli_text_assignment_on_real_shards_then_the_fine_tune_starts_from_it(
+    tmp_path, monkeypatch
+):
+    """The TA sample recipe on shards of the real COCO sample: fit, validate from its
+    checkpoint (same val/acc), and the NLVR2 sample fine-tune starting from it."""
+    from data_modules.shard_writer import main as write_shards
+
+    coco = SHARED / "data/coco_sample"
+    for src, out in (("albef_train.json", "shards"), ("albef_test.json", "val_shards")):
+        write_shards(["--json", str(coco / src), "--image-root", str(coco),
+                      "--out", str(tmp_path / out), "--samples-per-shard", "32"])
+    ta = ["--config", str(ROOT / "conf/finetune/nlvr2_ta_sample.yaml"),
+          "--model.init_checkpoint", "null", "--model.init_args.vision.depth", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+          "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+          "--data.train_shards", str(tmp_path / "shards"),
+          "--data.val_shards", str(tmp_path / "val_shards"),
+          "--data.num_train_samples", "16", "--data.batch_size", "8", "--data.num_workers", "0"]
+    fit = run_cli(["fit", *ta])
+    assert fit.trainer.global_step == 2
+    val_acc = float(fit.trainer.callback_metrics["val/acc"])
+    assert val_acc * 8 == pytest.approx(round(val_acc * 8))  # one batch of 8 captions
+    ckpt = tmp_path / "ta.ckpt"
+    fit.trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert state["model.ta_head.weight"].shape == (3, 384)
+    assert "model.fusion_encoder.layers.5.crossattention.self.key.weight" in state  # 3 pairs
+
+    val = run_cli(["validate", *ta, "--ckpt_path", str(ckpt)])
+    assert float(val.trainer.callback_metrics["val/acc"]) == pytest.approx(val_acc)
+
+    monkeypatch.chdir(ROOT)  # the NLVR2 sample's data paths are relative to the project
+    fine = run_cli(["fit", "--config", str(SAMPLE_CONF), "--model.init_checkpoint", str(ckpt),
+                    "--model.init_args.vision.depth", "1",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                    "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "1"])
+    layer = "fusion_encoder.layers.4.crossattention.self.query.weight"
+    torch.testing.assert_close(fine.model.model.state_dict()[layer].cpu(),
+                               state[f"model.{layer}"], rtol=0, atol=1e-3)  # one Adam step
