@@ -147,3 +147,32 @@ def test_out_of_range_options_fail_before_the_model_is_built(kw, match, monkeypa
     monkeypatch.setattr(base, "ALBEF", no_build)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         PretrainTask(vision=tiny_vision(), text=tiny_text(), **kw)
+
+
+class WeightedLossRecorder(LossRecorder):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.losses[-1]["total"] = float(outputs["loss"])
+
+
+def test_loss_weights_scale_each_loss_in_the_sum():
+    rec = WeightedLossRecorder()
+    task = make_task(loss_weights={"mlm": 0.1, "itc": 2.0})
+    assert task.loss_weights == {"itc": 2.0, "itm": 1.0, "mlm": 0.1}
+    trainer(max_steps=3, callbacks=[rec, MomentumTeacher()]).fit(task, loader(make_batches(3)))
+    assert len(rec.losses) == 3
+    for x in rec.losses:
+        assert x["total"] == pytest.approx(2.0 * x["itc"] + x["itm"] + 0.1 * x["mlm"], rel=1e-5)
+        assert x["total"] != pytest.approx(x["itc"] + x["itm"] + x["mlm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"mlm": 0.1, "contrastive": 1.0}, r"unknown loss \['contrastive'\]"),
+    ({"itm": -1.0}, ">= 0"), ({"itc": float("nan")}, ">= 0"),
+])
+def test_bad_loss_weights_fail_before_the_model_is_built(weights, match, monkeypatch):
+    import albef_pl.tasks.base as base
+
+    monkeypatch.setattr(base, "ALBEF", lambda *a, **k: pytest.fail("model built first"))
+    with pytest.raises(ValueError, match=match):
+        PretrainTask(vision=tiny_vision(), text=tiny_text(), loss_weights=weights)

@@ -1,4 +1,4 @@
-"""Pre-training: ITC + ITM + MLM with momentum distillation."""
+"""Pre-training: ITC + ITM + MLM (optionally weighted) with momentum distillation."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from albef_pl.tasks.base import ALBEFTask
 
 
 class PretrainTask(ALBEFTask):
-    """ALBEF pre-training: ``loss = ITC + ITM + MLM``.
+    """ALBEF pre-training: ``loss = w_itc * ITC + w_itm * ITM + w_mlm * MLM`` (all weights 1 in ALBEF).
 
     Args:
         mlm_probability: fraction of (non-special) tokens masked for MLM.
         mask_token_id: id of [MASK] (103 in bert-base-uncased).
         special_token_ids: ids never masked ([PAD], [CLS], [SEP]).
+        loss_weights: weight of each loss in the sum, ``{itc, itm, mlm}``; a loss not named
+            keeps 1.0. ALBEF weighs all three 1.0 (the default). The CPU demo lowers MLM (see
+            ``conf/demo.yaml``). The logged ``loss_itc/itm/mlm`` are unweighted.
         **kwargs: see :class:`ALBEFTask`.
     """
+
+    LOSSES = ("itc", "itm", "mlm")
 
     def __init__(
         self,
@@ -27,12 +32,22 @@ class PretrainTask(ALBEFTask):
         mlm_probability: float = 0.15,
         mask_token_id: int = 103,
         special_token_ids: tuple[int, ...] = (0, 101, 102),
+        loss_weights: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"model.mlm_probability must be in (0, 1), got {mlm_probability}")
+        weights = dict(loss_weights or {})
+        unknown = sorted(set(weights) - set(self.LOSSES))
+        if unknown:
+            raise ValueError(f"model.loss_weights: unknown loss {unknown}; the losses are "
+                             f"{list(self.LOSSES)}")
+        if any(not w >= 0 for w in weights.values()):  # also refuses NaN
+            raise ValueError(f"model.loss_weights must be >= 0, got {weights}")
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters("mlm_probability", "mask_token_id", "special_token_ids")
+        self.save_hyperparameters("mlm_probability", "mask_token_id", "special_token_ids",
+                                  "loss_weights")
+        self.loss_weights = {name: float(weights.get(name, 1.0)) for name in self.LOSSES}
 
     def mlm(
         self,
@@ -78,7 +93,8 @@ class PretrainTask(ALBEFTask):
             image, ids, mask, None, train, gen
         )
         loss_mlm = self.mlm(ids, mask, out, gen)
-        loss = out["loss_itc"] + out["loss_itm"] + loss_mlm
+        w = self.loss_weights
+        loss = w["itc"] * out["loss_itc"] + w["itm"] * out["loss_itm"] + w["mlm"] * loss_mlm
 
         b = image.shape[0]
         on_step = train
