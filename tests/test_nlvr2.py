@@ -734,3 +734,39 @@ def test_cli_text_assignment_on_real_shards_then_the_fine_tune_starts_from_it(
     layer = "fusion_encoder.layers.4.crossattention.self.query.weight"
     torch.testing.assert_close(fine.model.model.state_dict()[layer].cpu(),
                                state[f"model.{layer}"], rtol=0, atol=1e-3)  # one Adam step
+
+
+def test_text_assignment_never_draws_a_captions_own_picture_as_another_image():
+    # Six captions of three pictures (two captions each), as a COCO batch holds them.
+    g = torch.Generator().manual_seed(0)
+    feat = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    feat[1], feat[3], feat[5] = feat[0], feat[2], feat[4]  # same picture, same feature
+    ids = torch.tensor([7, 7, 8, 8, 9, 9])
+    counts = torch.zeros(3)
+    for _ in range(500):
+        left, right, labels = sample_text_assignment(feat, g, image_ids=ids)
+        counts += torch.bincount(labels, minlength=3)
+        for o, (lab, l_, r_) in enumerate(zip(labels.tolist(), left.tolist(), right.tolist())):
+            negatives = {0: [r_], 1: [l_], 2: [l_, r_]}[lab]
+            assert all(ids[n] != ids[o] for n in negatives), (o, lab, l_, r_)
+    assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.03)
+    # Without ids, the twin picture (at weight ~1 for temperature 0.07) is drawn almost always.
+    left, right, labels = sample_text_assignment(feat, torch.Generator().manual_seed(0))
+    first = torch.where(labels == 0, right, left)
+    assert (ids[first] == ids).float().mean() > 0.5
+
+    # Captions 0-2 of picture 7, caption 3 of picture 8: the first three have one allowed
+    # other image, so labels 0 and 1 only; caption 3 has three.
+    ids2 = torch.tensor([7, 7, 7, 8])
+    seen = set()
+    for seed in range(40):
+        left, right, labels = sample_text_assignment(feat[:4], torch.Generator().manual_seed(seed),
+                                                     image_ids=ids2)
+        assert set(labels[:3].tolist()) <= {0, 1}
+        assert (torch.where(labels[:3] == 0, right[:3], left[:3]) == 3).all()
+        seen |= set(labels.tolist())
+    assert seen == {0, 1, 2}
+    # One picture under every caption, and unknown ids (-1): fall back to other positions.
+    for fallback in (torch.tensor([5, 5, 5]), torch.tensor([-1, -1, -1])):
+        left, right, labels = sample_text_assignment(feat[:3], g, image_ids=fallback)
+        assert ((left != torch.arange(3)) | (labels != 1)).all()

@@ -140,7 +140,10 @@ class NLVR2Task(VisualEntailmentTask):
 
 
 def sample_text_assignment(
-    image_feat: torch.Tensor, generator: torch.Generator | None = None, temp: float = 0.07
+    image_feat: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temp: float = 0.07,
+    image_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw the two-image inputs of text assignment for a batch of image-caption pairs.
 
@@ -153,15 +156,19 @@ def sample_text_assignment(
     # probability 1/2 each; one draw of three equally likely kinds is the same distribution.
     # It crashes when a row has fewer non-zero weights than draws (a batch of two, or
     # similarities so peaked that the others underflow to 0); here each other image keeps a
-    # weight of at least 1e-12, and a batch of two draws only labels 0 and 1.
-    # FIXME: a batch holding one picture twice (several captions of an image as separate
-    # samples) can draw that picture as "another image" of its own caption, as the original
-    # can; masking by image id would need the data's ids here.
+    # weight of at least 1e-12, and a row with one other image draws only labels 0 and 1.
+    # NOTE: a batch can hold one picture several times (COCO has five captions per image);
+    # the original can then draw a caption's own picture as its "other image" and teach a
+    # wrong label. Given ``image_ids``, pictures of the caption's own image id are never
+    # drawn; a row where every other image has its id (a batch of one picture) falls back to
+    # the other batch positions, as the original.
 
     Args:
         image_feat: (B, E) image features (unit-norm ``vision_proj`` of the image [CLS]).
         generator: random generator (the task's, for resumable draws).
         temp: temperature of the similarity softmax (fixed at 0.07 in the original).
+        image_ids: optional (B,) image ids (negative: unknown); images sharing a caption's
+            known id are not drawn as its other images.
 
     Returns:
         ``left`` and ``right`` (B,) indices into the batch's images, and ``labels`` (B,).
@@ -178,14 +185,27 @@ def sample_text_assignment(
         feat = image_feat.detach().float()
         weights = (feat @ feat.T / temp).softmax(dim=1)  # (B, B)
         others = ~torch.eye(b, dtype=torch.bool, device=device)
-        weights = torch.where(others, weights.clamp_min(MIN_WEIGHT), 0.0)
-        picks = torch.multinomial(weights, min(2, b - 1), replacement=False,
-                                  generator=generator)  # (B, 1 or 2)
-        labels = torch.randint(0, 3 if b > 2 else 2, (b,), generator=generator,
-                               device=device)
+        allowed = others
+        if image_ids is not None:
+            ids = image_ids.to(device).view(-1)
+            same = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+            allowed = others & ~same
+            allowed = torch.where(allowed.any(1, keepdim=True), allowed, others)
+        n_allowed = allowed.sum(1)  # >= 1 per row
+        weights = torch.where(allowed, weights.clamp_min(MIN_WEIGHT), 0.0)
+        first = torch.multinomial(weights, 1, generator=generator)[:, 0]
+        # Second other image, without replacement; a row with one allowed image repeats it
+        # (unused: such a row draws label 0 or 1 only).
+        rest = weights.scatter(1, first[:, None], 0.0)
+        rest = torch.where((n_allowed > 1)[:, None], rest,
+                           torch.zeros_like(rest).scatter(1, first[:, None], 1.0))
+        second = torch.multinomial(rest, 1, generator=generator)[:, 0]
+        # One draw in 0..5 gives a uniform label over 3 kinds, or over 2 where only one
+        # other image is allowed.
+        draw = torch.randint(0, 6, (b,), generator=generator, device=device)
+        labels = torch.where(n_allowed > 1, draw % 3, draw % 2)
 
     own = torch.arange(b, device=device)
-    first, second = picks[:, 0], picks[:, -1]
     left = torch.where(labels == TA_LEFT, own, first)
     right = torch.where(labels == TA_LEFT, first, torch.where(labels == TA_RIGHT, own, second))
     return left, right, labels
@@ -255,8 +275,13 @@ class NLVR2TextAssignmentTask(ALBEFTask):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         generator: torch.Generator | None = None,
+        image_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3) text-assignment logits and their (B,) labels for image-caption pairs."""
+        """(B, 3) text-assignment logits and their (B,) labels for image-caption pairs.
+
+        ``image_ids`` (the data's ``image_id``, when it has one) keep a caption's own picture
+        out of its negatives.
+        """
         model = self.model
         image_embeds = model.encode_image(image)  # (B, N, Dv)
         text_embeds = model.encode_text(input_ids, attention_mask)  # (B, L, D)
@@ -264,7 +289,8 @@ class NLVR2TextAssignmentTask(ALBEFTask):
         # Negatives by visual similarity (no gradient), then the image pair of each caption.
         with torch.no_grad():
             feat = F.normalize(model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
-        left, right, labels = sample_text_assignment(feat, generator, self.hparams.ta_temp)
+        left, right, labels = sample_text_assignment(feat, generator, self.hparams.ta_temp,
+                                                      image_ids)
 
         fused = model.fuse(text_embeds, attention_mask,
                            (image_embeds[left], image_embeds[right]))  # (B, L, D)
@@ -274,7 +300,8 @@ class NLVR2TextAssignmentTask(ALBEFTask):
         # Validation draws from a fixed per-batch generator, so epochs compare.
         gen = (self.generator if stage == "train"
                else torch.Generator(self.device).manual_seed(batch_idx))
-        logits, labels = self(batch["image"], batch["input_ids"], batch["attention_mask"], gen)
+        logits, labels = self(batch["image"], batch["input_ids"], batch["attention_mask"], gen,
+                              batch.get("image_id"))
         loss = F.cross_entropy(logits.float(), labels)
 
         b = labels.shape[0]
