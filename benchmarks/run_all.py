@@ -56,6 +56,10 @@ def plan(quick: bool, out: Path) -> list[tuple[str, str, list[str]]]:
         # Three interleaved repeats even when quick: one pass of each decode is too noisy here.
         ("data", "bench_data", [*(["--repeats", "3", "--loader-batches", "6"] if quick else []),
                                 "--out", str(out / "data.json")]),
+        # Quick: Grad-CAM of the sample model (the paper's at 384 px takes ~1.5 CPU s each).
+        ("grounding_boxes", "bench_grounding_boxes",
+         [*(["--small", "--repeats", "3"] if quick else []),
+          "--out", str(out / "grounding_boxes.json")]),
         ("gpu_step", "bench_gpu_step", ["--out", str(out / "gpu_step.json")]),
     ]
 
