@@ -394,6 +394,10 @@ def test_wrong_kind_file_is_named_in_the_error(tmp_path) -> None:
     torch.save({"model": vqa}, path)
     with pytest.raises(WrongCheckpointError, match=rf"{path} is a vqa checkpoint.*pretrain"):
         load_official_into_task(tiny_task(), path)
+    task = tiny_task()  # through the task, the message names the option and the task class
+    with pytest.raises(WrongCheckpointError,
+                       match=rf"^model.init_checkpoint of {type(task).__name__}: {path} is a vqa"):
+        task.load_init_checkpoint(str(path))
 
 
 def test_other_files_are_refused_with_a_reason(tmp_path) -> None:

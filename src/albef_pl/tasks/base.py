@@ -150,8 +150,13 @@ class ALBEFTask(L.LightningModule):
     def load_init_checkpoint(self, path: str) -> None:
         """Load starting weights (official ALBEF layout or ours) into this task."""
         from albef_pl.checkpoints import load_checkpoint_into_task
+        from albef_pl.convert import WrongCheckpointError
 
-        load_checkpoint_into_task(self, path)
+        try:
+            load_checkpoint_into_task(self, path)
+        except WrongCheckpointError as err:  # the layout's name alone can hide the task's
+            raise WrongCheckpointError(f"model.init_checkpoint of {type(self).__name__}: "
+                                       f"{err}") from None
 
     # ---- randomness that survives a restart
     @property
