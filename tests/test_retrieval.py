@@ -135,6 +135,75 @@ def test_sharded_scoring_equals_one_process_and_splits_the_fusion_work(tmp_path)
     assert parts[0]["pairs"] + parts[1]["pairs"] == single.num_fusion_pairs
 
 
+def _eval_batches(n_i: int = 5, per_image: int = 2) -> tuple[dict, dict]:
+    """One image batch and one caption batch of a tiny evaluation set (RetrievalEvalStream's
+    fields)."""
+    g = torch.Generator().manual_seed(3)
+    n_t = n_i * per_image
+    ids = torch.randint(5, 128, (n_t, 9), generator=g)
+    images = {"image": torch.randn(n_i, 3, 32, 32, generator=g), "image_index": torch.arange(n_i),
+              "image_valid": torch.ones(n_i, dtype=torch.bool),
+              "image_path": [f"{i}.jpg" for i in range(n_i)], "num_images": n_i, "num_texts": n_t}
+    texts = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "text_index": torch.arange(n_t), "caption": [f"c{t}" for t in range(n_t)],
+             "text_image_index": torch.arange(n_t) // per_image, "num_images": n_i,
+             "num_texts": n_t}
+    return images, texts
+
+
+def _eval_task(world: int, rank: int):
+    from types import SimpleNamespace
+
+    from albef_pl.tasks.retrieval import RetrievalTask
+
+    torch.manual_seed(0)
+    task = RetrievalTask(vision=tiny_vision(), text=tiny_text(), embed_dim=16, queue_size=8,
+                         k_test=3, fusion_batch_size=4).eval()
+    task._trainer = SimpleNamespace(world_size=world, global_rank=rank)
+    task._reset_eval()
+    return task
+
+
+def _empty_share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    task = _eval_task(world, rank)
+    images, texts = _eval_batches()
+    pick = lambda b, rows: {k: (v[rows] if torch.is_tensor(v) and v.dim() else  # noqa: E731
+                                [v[r] for r in rows.tolist()] if isinstance(v, list) else v)
+                            for k, v in b.items()}
+    if rank == 0:  # every image and the first captions; rank 1: the other captions only
+        task.embed_batch(images)
+        task.embed_batch(pick(texts, torch.arange(0, 4)))
+    else:
+        task.embed_batch(pick(texts, torch.arange(4, 10)))
+    with torch.no_grad():
+        data = task._gather("val")
+        scores = task.rank(data)
+    torch.save({"i2t": scores.i2t, "t2i": scores.t2i, "txt2img": data.txt2img},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_process_without_images_takes_part_in_the_evaluation(tmp_path):
+    # A set with fewer image batches than processes: rank 1 embeds captions but no image.
+    mp.start_processes(_empty_share_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    task = _eval_task(1, 0)
+    for batch in _eval_batches():
+        task.embed_batch(batch)
+    with torch.no_grad():
+        data = task._gather("val")
+        single = task.rank(data)
+    assert single.i2t.shape == (5, 10)
+    for rank in range(2):
+        part = torch.load(tmp_path / f"rank{rank}.pt")
+        assert part["txt2img"] == data.txt2img
+        torch.testing.assert_close(part["i2t"], single.i2t, atol=1e-5, rtol=0)
+        torch.testing.assert_close(part["t2i"], single.t2i, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 def _write_images(root: Path, names: list[str]) -> None:

@@ -50,6 +50,11 @@ class _EvalBuffer:
     started: float = field(default_factory=time.perf_counter)
 
 
+# The tensor lists of _EvalBuffer, in the order the gathers read them.
+_EVAL_TENSORS = ("image_embeds", "image_feat", "image_index", "image_valid", "text_embeds",
+                 "text_mask", "text_feat", "text_index", "text_image_index")
+
+
 @dataclass
 class _EvalSet:
     """The evaluation set after gathering, restricted to usable samples.
@@ -266,17 +271,43 @@ class RetrievalTask(ALBEFTask):
         )
 
     # ---- gathering the embedded set from every process
+    def _fill_empty_shares(self, buf: _EvalBuffer) -> bool:
+        """Give this process's empty lists a zero-row tensor shaped as another process's.
+
+        A set with fewer image (or caption) batches than processes leaves some processes
+        without images or captions; the gathers need every process's trailing shapes and
+        dtypes, which only the processes that embedded some know. Returns ``False`` when no
+        process embedded an image or no process a caption (then nothing can be ranked).
+        """
+        def template(items: list[torch.Tensor]) -> tuple[tuple[int, ...], str] | None:
+            return (tuple(items[0].shape[1:]), str(items[0].dtype)) if items else None
+
+        mine = {name: template(getattr(buf, name)) for name in _EVAL_TENSORS}
+        mine["sizes"] = (buf.num_images, buf.num_texts)
+        parts: list[dict[str, Any]] = [{} for _ in range(self.trainer.world_size)]
+        dist.all_gather_object(parts, mine)
+        buf.num_images = max(p["sizes"][0] for p in parts)
+        buf.num_texts = max(p["sizes"][1] for p in parts)
+        for name in _EVAL_TENSORS:
+            known = [p[name] for p in parts if p[name] is not None]
+            if not known:
+                return False
+            if not getattr(buf, name):
+                shape, dtype = known[0]
+                getattr(buf, name).append(torch.zeros(
+                    (0, *shape), dtype=getattr(torch, dtype.removeprefix("torch.")),
+                    device=self.device))
+        return True
+
     def _gather(self, stage: str) -> _EvalSet | None:
         buf = self._eval
-        if not buf.image_feat or not buf.text_feat:
-            if self.trainer.world_size == 1:
-                _logger.warning("%s: no images or no captions embedded; nothing to rank", stage)
-                return None
-            # FIXME: every process needs at least one image and one caption batch to gather
-            # (the shapes of an empty share are unknown); sets this small are not supported.
-            raise RuntimeError(
-                f"{stage}: process {self.global_rank} embedded no images or no captions"
-            )
+        if self.trainer.world_size > 1:  # every process takes part in the same collectives
+            usable = self._fill_empty_shares(buf)
+        else:
+            usable = bool(buf.image_feat and buf.text_feat)
+        if not usable:
+            _logger.warning("%s: no images or no captions embedded; nothing to rank", stage)
+            return None
 
         # Everything but the local image tokens goes to every process, in data-set order.
         n_i, n_t = buf.num_images, buf.num_texts
