@@ -212,7 +212,11 @@ def test_checkpoint_of_another_task_directory_and_missing_init_weights(tmp_path,
     (["--model.lr", "abc"], "error: --model.lr: Expected a <class 'float'>. Got value: abc"),
     (["--trainer.max_epochs", "x"], "error: --trainer.max_epochs: expected int or null, got x"),
     # argparse would have taken a prefix for the whole name and started a run
-    (["--trainer.max_epoch", "4"], "error: unrecognized arguments: --trainer.max_epoch 4"),
+    (["--trainer.max_epoch", "4"], "error: unrecognized arguments: --trainer.max_epoch 4 "
+                                   "(did you mean --trainer.max_epoch -> --trainer.max_epochs?)"),
+    (["--trainer.max_epoch=4", "--trainer.qwerty", "1"],
+     "error: unrecognized arguments: --trainer.max_epoch=4 --trainer.qwerty 1 "
+     "(did you mean --trainer.max_epoch -> --trainer.max_epochs?)"),
 ])
 def test_option_errors_are_two_lines_naming_the_option(args, message, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["albef-pl"])

@@ -11,6 +11,7 @@ import os
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -105,9 +106,24 @@ class ALBEFArgumentParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {_short_parse_error(message)}\n"
+        sys.stderr.write(f"error: {_short_parse_error(message)}{_suggest(message, parser)}\n"
                          f"({prog} --help lists every option)\n")
         raise SystemExit(2)
+
+
+def _suggest(message: str, parser: Any) -> str:
+    """' (did you mean --trainer.max_epochs?)' for a misspelt option argparse did not know."""
+    import difflib
+
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    known = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+    hints = []
+    for given in (w.split("=", 1)[0] for w in message.split()[2:] if w.startswith("--")):
+        close = difflib.get_close_matches(given, known, n=1, cutoff=0.8)
+        if close:
+            hints.append(f"{given} -> {close[0]}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 class ALBEFCLI(LightningCLI):
