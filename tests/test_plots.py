@@ -77,3 +77,25 @@ def test_progress_lines_when_not_on_a_terminal(monkeypatch, caplog):
         plotter.on_train_batch_end(trainer, None, None, None, 1)
     assert caplog.messages == ["step 10/40 (epoch 1): loss_itc 2.500  loss 4.000"]
     assert plotter.history["train/loss_itc"] == [(10, 2.5), (11, 2.5)]
+
+
+def test_validation_line_lists_the_val_metrics_and_nonzero_skips(caplog):
+    from albef_pl.plots import LossCurvePlotter
+
+    metrics = {"val/acc": torch.tensor(0.9375), "val/loss": torch.tensor(0.21043),
+               "val/skipped_corrupt_image": torch.tensor(0.0),
+               "val/skipped_missing_image": torch.tensor(2.0),
+               "train/loss": torch.tensor(1.0), "val/loss_step": torch.tensor(9.0)}
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), sanity_checking=False,
+                              is_global_zero=True, current_epoch=3, callback_metrics=metrics)
+    plotter = LossCurvePlotter()
+    with caplog.at_level(logging.INFO, logger="albef_pl.plots"):
+        plotter.on_validation_end(trainer, None)
+        trainer.state.fn = "validate"
+        plotter.on_validation_end(trainer, None)
+        trainer.sanity_checking = True  # Lightning's sanity pass: no line
+        plotter.on_validation_end(trainer, None)
+    assert caplog.messages == [
+        "epoch 3 validation: acc 0.9375  loss 0.2104  skipped_missing_image 2",
+        "validation: acc 0.9375  loss 0.2104  skipped_missing_image 2",
+    ]

@@ -21,7 +21,9 @@ class LossCurvePlotter(Callback):
 
     When the output is not a terminal (a batch job writing to a file, where progress bars
     stay silent), it also logs a line with the step and these losses every
-    ``text_progress_every`` optimizer steps.
+    ``text_progress_every`` optimizer steps. After every validation pass it logs one line
+    with the ``val/`` metrics (skip counts only when not zero), so a fine-tune's accuracy per
+    epoch is in the log, not only in ``metrics.csv``.
 
     Args:
         keys: metric names to plot (``<key>_step`` values are read when Lightning adds them).
@@ -56,6 +58,15 @@ class LossCurvePlotter(Callback):
             losses = "  ".join(f"{k} {v:.3f}" for k, v in latest.items())
             _logger.info("step %d/%s (epoch %d): %s", step,
                          int(total) if math.isfinite(total) else "?", trainer.current_epoch, losses)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        line = validation_summary(trainer.callback_metrics)
+        if line:
+            fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+            where = f"epoch {trainer.current_epoch} validation" if fitting else "validation"
+            _logger.info("%s: %s", where, line)
 
     def output_path(self, trainer: L.Trainer) -> Path:
         root = trainer.log_dir or trainer.default_root_dir
@@ -94,6 +105,21 @@ class LossCurvePlotter(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.update(state_dict.get("history", {}))
+
+
+def validation_summary(metrics: dict[str, Any]) -> str:
+    """``"acc 0.9375  loss 0.2104"`` from the ``val/`` metrics (epoch values; skip counts
+    only when not zero)."""
+    parts = []
+    for key in sorted(metrics):
+        if not key.startswith("val/") or key.endswith("_step"):
+            continue
+        value = float(metrics[key])
+        name = key.removeprefix("val/").removesuffix("_epoch")
+        if name.startswith("skipped_") and value == 0:
+            continue
+        parts.append(f"{name} {value:.4g}")
+    return "  ".join(parts)
 
 
 class RetrievalExamplesPlotter(Callback):
