@@ -73,6 +73,9 @@ class PretrainDataModule(L.LightningDataModule):
             sizes files next to the shards (``sizes.json`` or img2dataset ``*_stats.json``).
         val_shards: Validation shards (same forms, all read once per validation).
         num_val_samples: Validation samples over all ranks. Default: from the sizes files.
+        test_shards: Shards for ``test`` (read once, as validation). Default: the validation
+            shards.
+        num_test_samples: Test samples over all ranks. Default: from the sizes files.
         batch_size: Batch size per rank.
         num_workers: Dataloader workers per rank.
         image_size: Side length of the square images.
@@ -92,6 +95,8 @@ class PretrainDataModule(L.LightningDataModule):
         num_train_samples: int | None = None,
         val_shards: str | list[str] | None = None,
         num_val_samples: int | None = None,
+        test_shards: str | list[str] | None = None,
+        num_test_samples: int | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
         image_size: int = 256,
@@ -106,7 +111,8 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("image_size", image_size),
                             ("num_train_samples", num_train_samples),
-                            ("num_val_samples", num_val_samples), ("max_words", max_words)):
+                            ("num_val_samples", num_val_samples),
+                            ("num_test_samples", num_test_samples), ("max_words", max_words)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if max_length < 2:
@@ -119,6 +125,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_train_samples = num_train_samples
         self.val_shards = val_shards
         self.num_val_samples = num_val_samples
+        self.test_shards = test_shards
+        self.num_test_samples = num_test_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -131,7 +139,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer = CaptionTokenizer(tokenizer, max_length, append_sep, padding="longest")
         # Fail before any model is built: shard lists that name missing files, and a
         # tokenizer that cannot be loaded, are reported now rather than at the first batch.
-        for name, spec in (("train_shards", train_shards), ("val_shards", val_shards)):
+        for name, spec in (("train_shards", train_shards), ("val_shards", val_shards),
+                           ("test_shards", test_shards)):
             try:
                 _as_sources(spec)
             except (FileNotFoundError, ValueError) as err:
@@ -227,13 +236,24 @@ class PretrainDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> EpochLoader | list[Any]:
         """Each validation shard read once (split by rank, then worker), full batches only."""
-        sources = _as_sources(self.val_shards)
+        return self._eval_loader("val", self.val_shards, self.num_val_samples)
+
+    def test_dataloader(self) -> EpochLoader | list[Any]:
+        """``test_shards`` (else the validation shards) read once, as validation."""
+        if self.test_shards is None:
+            return self._eval_loader("test", self.val_shards, self.num_val_samples)
+        return self._eval_loader("test", self.test_shards, self.num_test_samples)
+
+    def _eval_loader(
+        self, split: str, spec: str | list[str] | None, given: int | None
+    ) -> EpochLoader | list[Any]:
+        sources = _as_sources(spec)
         if not sources:
             return []
         shards = [s for source in sources for s in source]
         found = read_shard_sizes_and_files(shards)
         sizes, size_files = found if found is not None else (None, None)
-        total = self._total("val", [sizes], self.num_val_samples)
+        total = self._total(split, [sizes], given)
         rank, world_size = self.world()
         num_batches = total // (world_size * self.batch_size)
         if sizes is not None:
@@ -242,8 +262,9 @@ class PretrainDataModule(L.LightningDataModule):
             num_batches = min(num_batches, min(per_rank) // self.batch_size)
         if num_batches == 0:
             _logger.warning(
-                "val: %d samples in %d shards give no full batch of %d on every one of %d "
-                "ranks; validation is skipped",
+                "%s: %d samples in %d shards give no full batch of %d on every one of %d "
+                "ranks; this evaluation is skipped",
+                split,
                 total,
                 len(shards),
                 self.batch_size,
@@ -262,11 +283,11 @@ class PretrainDataModule(L.LightningDataModule):
             seed=self.seed,
             shuffle_buffer=0,
             max_words=self.max_words,
-            name="val",
+            name=split,
             shard_sizes=sizes,
             size_files=size_files,
         )
-        return self._register("val", stream, num_batches)
+        return self._register(split, stream, num_batches)
 
     def _total(self, split: str, sizes: list[dict[str, int] | None], given: int | None) -> int:
         if given is not None:
@@ -305,7 +326,7 @@ class PretrainDataModule(L.LightningDataModule):
         so all ranks report the same keys; add the ranks' values for the global count.
 
         Args:
-            split: ``"train"`` or ``"val"``.
+            split: ``"train"``, ``"val"`` or ``"test"``.
 
         Returns:
             ``{reason: count}``.
@@ -347,7 +368,7 @@ class PretrainDataModule(L.LightningDataModule):
 
 
 class SkippedSamplesLogger(L.Callback):
-    """Logs the skipped-sample counts as ``train/skipped_<reason>`` at each epoch end.
+    """Logs the skipped-sample counts as ``{train,val,test}/skipped_<reason>`` at epoch ends.
 
     Values are this rank's running totals, summed over ranks by Lightning (every rank logs
     every reason, so the collective calls match). Works with any datamodule that has a
@@ -360,6 +381,9 @@ class SkippedSamplesLogger(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
 
     @staticmethod
     def _log(trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:

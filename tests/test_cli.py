@@ -52,6 +52,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
 
 
 def _fit_then_validate(config: Path, root: str, extra: list[str]) -> None:
+    """A short fit, then validate and test from its last.ckpt."""
     short = ["--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
              "--trainer.enable_progress_bar", "false"]
     fit = run_cli(["fit", "--config", str(config), *short, *extra])
@@ -73,6 +74,16 @@ def _fit_then_validate(config: Path, root: str, extra: list[str]) -> None:
     for key, value in fit_val.items():
         key = key.removesuffix("_epoch")
         got = float(val.trainer.callback_metrics[key])
+        assert got == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+    # `test` loads it too; without test_shards it reads the validation shards, so its first
+    # batch gives the same losses.
+    test = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt),
+                    "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar",
+                    "false", *extra])
+    for key, value in fit_val.items():
+        key = "test/" + key.removesuffix("_epoch").removeprefix("val/")
+        got = float(test.trainer.callback_metrics[key])
         assert got == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 

@@ -91,6 +91,19 @@ def test_val_full_batches_and_equal_counts_on_ranks(tmp_path: Path) -> None:
     assert counts == [(1, 1), (1, 1)]
 
 
+def test_test_split_reads_test_shards_else_the_validation_shards(tmp_path: Path) -> None:
+    write_good_shards(tmp_path / "val", [8])  # ids 0..7
+    write_good_shards(tmp_path / "test", [12], first_id=100)  # ids 100..111
+    dm = make_dm(val_shards=str(tmp_path / "val"))
+    assert sorted(ids_of(list(dm.test_dataloader()))) == list(range(8))
+    dm = make_dm(val_shards=str(tmp_path / "val"), test_shards=str(tmp_path / "test"))
+    assert sorted(ids_of(list(dm.test_dataloader()))) == list(range(100, 112))
+    assert sorted(ids_of(list(dm.val_dataloader()))) == list(range(8))
+    assert set(dm.skipped_counts("test").values()) == {0}
+    with pytest.raises(FileNotFoundError, match="data.test_shards"):
+        make_dm(val_shards=str(tmp_path / "val"), test_shards=str(tmp_path / "nowhere"))
+
+
 def write_bad_shard(path: Path) -> None:
     good = [m for i in range(4) for m in sample_members(f"good{i}", f"a good caption {i}", i)]
     write_tar(
