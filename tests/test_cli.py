@@ -100,6 +100,20 @@ def test_demo_fit_then_validate_smoke(tmp_path, monkeypatch):
     for png in ("loss_curves.png", "retrieval_examples.png"):
         assert (tmp_path / "runs/demo/csv/version_0" / png).stat().st_size > 1000, png
 
+    # --ckpt_path last restores every weight: the start weights (MiniLM) are not read again,
+    # so a resume needs neither them nor the network.
+    import albef_pl.checkpoints
+
+    def no_start_weights(*args, **kwargs):
+        raise AssertionError("BERT start weights loaded for a resume")
+
+    monkeypatch.setattr(albef_pl.checkpoints, "load_bert_weights", no_start_weights)
+    resumed = run_cli(["fit", "--config", str(ROOT / "conf/demo.yaml"), "--ckpt_path", "last",
+                       "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+                       "--trainer.enable_progress_bar", "false", "--data.batch_size", "8",
+                       "--data.num_workers", "0", "--data.num_train_samples", "32"])
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 8
+
 
 @requires_shared
 def test_coco_sample_fit_then_validate_smoke(tmp_path, monkeypatch):

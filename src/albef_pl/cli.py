@@ -111,6 +111,23 @@ class ALBEFArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+def _last_checkpoints(cfg: Any) -> list[Path]:
+    """The ``last*.ckpt`` files in the dirpaths of the config's ModelCheckpoint callbacks,
+    where Lightning looks for ``--ckpt_path last`` (callbacks without a dirpath, which write
+    under the logger's version folder, are not searched)."""
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    callbacks = trainer.get("callbacks") if trainer is not None and hasattr(trainer, "get") else None
+    found: list[Path] = []
+    for cb in callbacks if isinstance(callbacks, list) else []:
+        if not hasattr(cb, "get") or not str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            continue
+        init = cb.get("init_args")
+        dirpath = init.get("dirpath") if init is not None and hasattr(init, "get") else None
+        if dirpath:
+            found += sorted(Path(dirpath).glob("last*.ckpt"))
+    return found
+
+
 def _suggest(message: str, parser: Any) -> str:
     """' (did you mean --trainer.max_epochs?)' for a misspelt option argparse did not know."""
     import difflib
@@ -206,7 +223,9 @@ class ALBEFCLI(LightningCLI):
         args = _model_args(cfg)
         path = args.get("init_checkpoint") if args is not None and hasattr(args, "get") else None
         ckpt = cfg.get("ckpt_path")
-        if ckpt and Path(str(ckpt)).is_file() and args is not None and hasattr(args, "get"):
+        restores = ckpt and (Path(str(ckpt)).is_file()
+                             or (ckpt == "last" and _last_checkpoints(cfg)))
+        if restores and args is not None and hasattr(args, "get"):
             # --ckpt_path restores every weight: starting weights (a checkpoint, BERT/ViT
             # files) would only be loaded and overwritten (and need not exist any more).
             if "init_checkpoint" in args:
