@@ -852,7 +852,8 @@ class EpochLoader:
         if stream.resampled or not all(s in stream.shard_sizes for s in mine):
             return (
                 f"This rank's {len(mine)} shards gave {samples} usable samples ({skipped} "
-                f"samples or shards skipped); {needed} were asked for (num_val_samples)."
+                f"samples or shards skipped); {needed} were asked for "
+                f"(num_{stream.name}_samples)."
             )
         counted = sum(stream.shard_sizes[s] for s in mine)
         where = f"{', '.join(sorted({stream.size_files.get(s, SIZES_FILE) for s in mine}))}"
@@ -868,6 +869,6 @@ class EpochLoader:
             return text + f" and {broken} shards were empty or unreadable."
         return (
             f"{text}: the sizes file over-counts by {counted - found} samples, which sets too "
-            "many validation batches. Re-write it (albef-pl-shards --force) or set "
-            "num_val_samples."
+            f"many {stream.name} batches. Re-write it (albef-pl-shards --force) or set "
+            f"num_{stream.name}_samples."
         )

@@ -204,8 +204,14 @@ def test_val_sizes_file_that_over_counts_is_named_in_the_warning(tmp_path: Path,
     assert "ran out after 2 of 6 batches; repeating the first batch" in caplog.text
     assert (
         f"{sizes} count 12 samples in this rank's 1 shards; 5 were found (5 usable, 0 skipped): "
-        "the sizes file over-counts by 7 samples"
+        "the sizes file over-counts by 7 samples, which sets too many val batches. Re-write it "
+        "(albef-pl-shards --force) or set num_val_samples."
     ) in caplog.text
+    # The test split names its own option.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_modules"):
+        list(make_dm(val_shards=str(tmp_path), batch_size=2).test_dataloader())
+    assert "too many test batches" in caplog.text and "set num_test_samples." in caplog.text
 
 
 def test_skip_counts_travel_back_from_workers(tmp_path: Path) -> None:

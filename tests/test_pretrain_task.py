@@ -168,7 +168,9 @@ def test_loss_weights_scale_each_loss_in_the_sum():
 
 @pytest.mark.parametrize("weights, match", [
     ({"mlm": 0.1, "contrastive": 1.0}, r"unknown loss \['contrastive'\]"),
-    ({"itm": -1.0}, ">= 0"), ({"itc": float("nan")}, ">= 0"),
+    ({"itm": -1.0}, r"in \[0, 1e6\]"), ({"itc": float("nan")}, r"in \[0, 1e6\]"),
+    ({"itc": float("inf")}, r"in \[0, 1e6\]"), ({"itc": 1e300}, r"in \[0, 1e6\]"),
+    ({"itc": 0, "itm": 0, "mlm": 0}, "all 0"),
 ])
 def test_bad_loss_weights_fail_before_the_model_is_built(weights, match, monkeypatch):
     import albef_pl.tasks.base as base

@@ -42,8 +42,11 @@ class PretrainTask(ALBEFTask):
         if unknown:
             raise ValueError(f"model.loss_weights: unknown loss {unknown}; the losses are "
                              f"{list(self.LOSSES)}")
-        if any(not w >= 0 for w in weights.values()):  # also refuses NaN
-            raise ValueError(f"model.loss_weights must be >= 0, got {weights}")
+        if any(not (isinstance(w, (int, float)) and 0 <= w <= 1e6) for w in weights.values()):
+            # also refuses NaN and inf, and weights whose loss would overflow float16/bf16 sums
+            raise ValueError(f"model.loss_weights must be numbers in [0, 1e6], got {weights}")
+        if weights and not any(weights.get(name, 1.0) > 0 for name in self.LOSSES):
+            raise ValueError("model.loss_weights are all 0: nothing would be trained")
         super().__init__(*args, **kwargs)
         self.save_hyperparameters("mlm_probability", "mask_token_id", "special_token_ids",
                                   "loss_weights")
