@@ -190,6 +190,23 @@ def test_wrong_shard_path_fails_before_the_model_is_built(tmp_path, monkeypatch,
     assert "no_bert" not in err
 
 
+def test_ckpt_path_last_gets_the_checks_of_an_explicit_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # conf/demo.yaml checkpoints into runs/demo/checkpoints
+    folder = tmp_path / "runs/demo/checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").symlink_to("epoch=9-step=99.ckpt")  # removed by hand
+    err = _cli_error(["fit", "--config", str(ROOT / "conf/demo.yaml"), "--ckpt_path", "last"],
+                     capsys)
+    assert "last.ckpt is a link to a missing file (epoch=9-step=99.ckpt)" in err
+
+    (folder / "last.ckpt").unlink()
+    (folder / "last.ckpt").write_bytes(b"")  # a crash while writing it
+    err = _cli_error(["fit", "--config", str(ROOT / "conf/demo.yaml"), "--ckpt_path", "last"],
+                     capsys)
+    assert "last.ckpt: not a PyTorch checkpoint" in err
+    assert "(the newest last*.ckpt, which --ckpt_path last resumes)" in err
+
+
 def test_ckpt_path_that_is_not_a_checkpoint_is_refused_with_a_reason(tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")

@@ -162,6 +162,18 @@ class ALBEFCLI(LightningCLI):
         # the checkpoint's hyper-parameters into the config and instantiating the classes.
         cfg = self._sub_config()
         value = cfg.get("ckpt_path")
+        if value == "last":
+            # Lightning takes the newest last*.ckpt of the ModelCheckpoint folders: give it
+            # the checks an explicit path gets (a broken, empty or other task's file would
+            # end in a traceback or resume the wrong model).
+            dangling = [p for p in _last_checkpoints(cfg) if not p.exists()]
+            if dangling:
+                self.fail(f"--ckpt_path last: {dangling[0]} is a link to a missing file "
+                          f"({os.readlink(dangling[0])}); remove it, or give --ckpt_path "
+                          "the checkpoint file to resume from.")
+            found = [p for p in _last_checkpoints(cfg) if p.exists()]
+            if found:
+                value = str(max(found, key=lambda p: p.stat().st_mtime))
         if value is not None and value not in ("last", "best", "hpc", "registry"):
             # Lightning unpickles the file next; one that is not a checkpoint of this task
             # would end in a raw unpickling traceback or fail on the first batch.
@@ -169,7 +181,9 @@ class ALBEFCLI(LightningCLI):
                 state = check_lightning_checkpoint(value)
                 check_same_task(value, state, cfg.get("model"))
             except (OSError, ValueError) as err:
-                self.fail(str(err))
+                how = " (the newest last*.ckpt, which --ckpt_path last resumes)" if (
+                    cfg.get("ckpt_path") == "last") else ""
+                self.fail(f"{err}{how}")
         args = _model_args(cfg)
         kept = {k: args[k] for k in RUNTIME_MODEL_OPTIONS if args is not None and k in args}
         super()._parse_ckpt_path()
@@ -224,7 +238,8 @@ class ALBEFCLI(LightningCLI):
         path = args.get("init_checkpoint") if args is not None and hasattr(args, "get") else None
         ckpt = cfg.get("ckpt_path")
         restores = ckpt and (Path(str(ckpt)).is_file()
-                             or (ckpt == "last" and _last_checkpoints(cfg)))
+                             or (ckpt == "last"
+                                 and any(p.exists() for p in _last_checkpoints(cfg))))
         if restores and args is not None and hasattr(args, "get"):
             # --ckpt_path restores every weight: starting weights (a checkpoint, BERT/ViT
             # files) would only be loaded and overwritten (and need not exist any more).
