@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from albef_pl.errors import DataError
 from albef_pl.text import CaptionTokenizer
 from albef_pl.transforms import eval_transform, pretrain_transform
 from data_modules.shards import (
@@ -335,6 +336,35 @@ class PretrainDataModule(L.LightningDataModule):
         if loader is None:
             return {reason: 0 for reason in SKIP_REASONS}
         return loader.skipped_counts()
+
+    def take_pass_tally(self, split: str) -> tuple[int, int]:
+        """(samples in batches, samples and shards skipped) of this process's last ``split``
+        pass when it ran short of batches, else (0, 0); read once (see
+        :meth:`albef_pl.tasks.ALBEFTask.check_evaluation_data`)."""
+        loader = self._loaders.get(split)
+        tally = loader.short_pass if loader is not None else None
+        if loader is not None:
+            loader.short_pass = None
+        return tally or (0, 0)
+
+    def check_pass(self, split: str, decoded: int, dropped: int) -> None:
+        """Raise :class:`DataError` when a ``split`` pass (all processes together) formed
+        not one batch although it read data: every sample or shard was skipped, and the run
+        would go on with no metric (a monitored checkpoint would stop on a missing key)."""
+        if dropped and not decoded:
+            option = "test_shards" if split == "test" and self.test_shards else "val_shards"
+            message = (
+                f"{split}: not one batch could be formed from {getattr(self, option)}: "
+                f"{dropped} samples or shards were skipped (see the skip warnings above: "
+                "unreadable shards, images that do not decode, captions missing). Replace "
+                f"the shards or point data.{option} elsewhere."
+            )
+            trainer = getattr(self, "trainer", None)
+            fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+            if fitting:  # the training epoch is sound: keep its checkpoint, say it loudly
+                _logger.warning("%s Training goes on without validation metrics.", message)
+                return
+            raise DataError(message)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for each batch training takes (Lightning fetches one ahead): what a

@@ -705,6 +705,9 @@ class EpochLoader:
         self._resume_at = 0
         self.totals: collections.Counter[str] = collections.Counter()
         self.last_epoch_counts: dict[str, int] = {}
+        #: (samples in the batches produced, samples and shards skipped) of the last pass
+        #: that read its data to the end without filling every batch; ``None`` otherwise.
+        self.short_pass: tuple[int, int] | None = None
         self._last_warning = -math.inf
         self.dataloader = DataLoader(
             stream,
@@ -772,6 +775,7 @@ class EpochLoader:
                 return
             yield batch
         self._summarise(epoch, epoch_counts, produced, samples[0])
+        self.short_pass = (samples[0] if produced else 0, sum(epoch_counts.values()))
 
         # NOTE: like a DistributedSampler's padding, repeating data keeps ranks in step at
         # the price of counting a few samples twice in this epoch's metrics.

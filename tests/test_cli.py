@@ -207,6 +207,29 @@ def test_ckpt_path_last_gets_the_checks_of_an_explicit_path(tmp_path, monkeypatc
     assert "(the newest last*.ckpt, which --ckpt_path last resumes)" in err
 
 
+def test_a_test_pass_that_forms_no_batch_exits_2_naming_the_shards(tmp_path, monkeypatch,
+                                                                    capsys):
+    from data_modules.synthetic import main as synth
+
+    monkeypatch.chdir(tmp_path)
+    synth(["--out", "data/demo", "--num-train", "16", "--num-val", "16",
+           "--samples-per-shard", "16"])
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "b.tar").write_bytes(b"not a tar file" * 100)
+    (junk / "sizes.json").write_text('{"b.tar": 8, "total": 8}')
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # main(): a DataError is one line, exit 2
+        main(["test", "--config", str(ROOT / "conf/demo.yaml"), "--data.test_shards", str(junk),
+              "--data.batch_size", "4", "--data.num_workers", "0",
+              "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"test: not one batch could be formed from {junk}" in err
+    assert "point data.test_shards elsewhere" in err
+
+
 def test_ckpt_path_that_is_not_a_checkpoint_is_refused_with_a_reason(tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
