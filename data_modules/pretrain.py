@@ -294,7 +294,7 @@ class PretrainDataModule(L.LightningDataModule):
         if given is not None:
             return given
         if not all(sizes):
-            raise ValueError(
+            raise DataError(
                 f"{split}: the number of samples is unknown (no sizes.json or *_stats.json "
                 f"next to every shard); set num_{split}_samples"
             )

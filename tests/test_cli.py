@@ -229,6 +229,13 @@ def test_a_test_pass_that_forms_no_batch_exits_2_naming_the_shards(tmp_path, mon
     assert f"test: not one batch could be formed from {junk}" in err
     assert "point data.test_shards elsewhere" in err
 
+    (junk / "sizes.json").unlink()  # no count of the samples: one line too, not a traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(ROOT / "conf/demo.yaml"), "--data.test_shards", str(junk),
+              "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    assert "the number of samples is unknown" in capsys.readouterr().err
+
 
 def test_ckpt_path_that_is_not_a_checkpoint_is_refused_with_a_reason(tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
