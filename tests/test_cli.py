@@ -87,7 +87,7 @@ def _fit_then_validate(config: Path, root: str, extra: list[str]) -> None:
         assert got == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
-def test_demo_fit_then_validate_smoke(tmp_path, monkeypatch):
+def test_demo_fit_then_validate_smoke(tmp_path, monkeypatch, capsys):
     from data_modules.synthetic import main as synth
 
     monkeypatch.chdir(tmp_path)
@@ -113,6 +113,16 @@ def test_demo_fit_then_validate_smoke(tmp_path, monkeypatch):
                        "--trainer.enable_progress_bar", "false", "--data.batch_size", "8",
                        "--data.num_workers", "0", "--data.num_train_samples", "32"])
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 8
+
+    # A size given with --ckpt_path overrides the checkpoint's: one line, exit 2.
+    from albef_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(ROOT / "conf/demo.yaml"), "--ckpt_path", "last",
+              "--model.init_args.embed_dim", "32", "--data.batch_size", "8",
+              "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    assert "the checkpoint's weights do not fit" in capsys.readouterr().err
 
 
 @requires_shared

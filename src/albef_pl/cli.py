@@ -377,6 +377,19 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {err}\n(set ALBEF_PL_TRACEBACK=1 to see where it was raised)",
               file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:
+        # A --ckpt_path whose tensors do not fit the model the options built (a size given
+        # on the command line overrides the checkpoint's): torch lists every tensor.
+        text = str(err)
+        if not text.startswith("Error(s) in loading state_dict") or os.environ.get(
+                "ALBEF_PL_TRACEBACK"):
+            raise
+        first = next((line.strip() for line in text.splitlines()[1:] if line.strip()), "")
+        print(f"error: the checkpoint's weights do not fit the model built from the options "
+              f"({first} ...). With --ckpt_path the architecture comes from the checkpoint: "
+              "drop the --model size options given with it.\n"
+              "(set ALBEF_PL_TRACEBACK=1 to see every tensor)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
