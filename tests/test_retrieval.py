@@ -108,26 +108,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str, body) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    torch.save(body(rank, world), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _on_two_processes(body, tmp_path: Path) -> list[dict]:
+    """``body(rank, world)`` in 2 gloo processes; what each returned, by rank."""
+    # fork: the children reuse the imported modules (spawn would re-import them, ~10 s).
+    mp.start_processes(_gloo_worker, args=(2, _free_port(), str(tmp_path), body), nprocs=2,
+                       start_method="fork")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def _sharded_scores(rank: int, world: int) -> dict:
     model, ie, te, mask, fi, ft = _tiny_set(n_i=7, n_t=17)
     mine = torch.arange(rank, 7, world)  # images held here (uneven: 4 and 3)
     scores = two_stage_scores(model, fi, ft, ie[mine], mine, te, mask, k_test=4,
                               fusion_batch_size=5)
-    torch.save({"i2t": scores.i2t, "t2i": scores.t2i, "pairs": scores.num_fusion_pairs},
-               Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"i2t": scores.i2t, "t2i": scores.t2i, "pairs": scores.num_fusion_pairs}
 
 
 def test_sharded_scoring_equals_one_process_and_splits_the_fusion_work(tmp_path):
-    # fork: the children reuse the imported modules (spawn would re-import them, ~10 s).
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    parts = _on_two_processes(_sharded_scores, tmp_path)
     model, ie, te, mask, fi, ft = _tiny_set(n_i=7, n_t=17)
     single = two_stage_scores(model, fi, ft, ie, torch.arange(7), te, mask, k_test=4)
-    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for part in parts:
         torch.testing.assert_close(part["i2t"], single.i2t, atol=1e-5, rtol=0)
         torch.testing.assert_close(part["t2i"], single.t2i, atol=1e-5, rtol=0)
@@ -164,10 +172,7 @@ def _eval_task(world: int, rank: int):
     return task
 
 
-def _empty_share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _scores_with_an_empty_share(rank: int, world: int) -> dict:
     task = _eval_task(world, rank)
     images, texts = _eval_batches()
     pick = lambda b, rows: {k: (v[rows] if torch.is_tensor(v) and v.dim() else  # noqa: E731
@@ -181,15 +186,12 @@ def _empty_share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with torch.no_grad():
         data = task._gather("val")
         scores = task.rank(data)
-    torch.save({"i2t": scores.i2t, "t2i": scores.t2i, "txt2img": data.txt2img},
-               Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"i2t": scores.i2t, "t2i": scores.t2i, "txt2img": data.txt2img}
 
 
 def test_a_process_without_images_takes_part_in_the_evaluation(tmp_path):
     # A set with fewer image batches than processes: rank 1 embeds captions but no image.
-    mp.start_processes(_empty_share_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    parts = _on_two_processes(_scores_with_an_empty_share, tmp_path)
     task = _eval_task(1, 0)
     for batch in _eval_batches():
         task.embed_batch(batch)
@@ -197,8 +199,7 @@ def test_a_process_without_images_takes_part_in_the_evaluation(tmp_path):
         data = task._gather("val")
         single = task.rank(data)
     assert single.i2t.shape == (5, 10)
-    for rank in range(2):
-        part = torch.load(tmp_path / f"rank{rank}.pt")
+    for part in parts:
         assert part["txt2img"] == data.txt2img
         torch.testing.assert_close(part["i2t"], single.i2t, atol=1e-5, rtol=0)
         torch.testing.assert_close(part["t2i"], single.t2i, atol=1e-5, rtol=0)

@@ -166,12 +166,13 @@ class ALBEFCLI(LightningCLI):
             # Lightning takes the newest last*.ckpt of the ModelCheckpoint folders: give it
             # the checks an explicit path gets (a broken, empty or other task's file would
             # end in a traceback or resume the wrong model).
-            dangling = [p for p in _last_checkpoints(cfg) if not p.exists()]
+            candidates = _last_checkpoints(cfg)
+            dangling = [p for p in candidates if not p.exists()]
             if dangling:
                 self.fail(f"--ckpt_path last: {dangling[0]} is a link to a missing file "
                           f"({os.readlink(dangling[0])}); remove it, or give --ckpt_path "
                           "the checkpoint file to resume from.")
-            found = [p for p in _last_checkpoints(cfg) if p.exists()]
+            found = [p for p in candidates if p.exists()]
             if found:
                 value = str(max(found, key=lambda p: p.stat().st_mtime))
         if value is not None and value not in ("last", "best", "hpc", "registry"):

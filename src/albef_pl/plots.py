@@ -64,9 +64,7 @@ class LossCurvePlotter(Callback):
             return
         line = validation_summary(trainer.callback_metrics)
         if line:
-            fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
-            where = f"epoch {trainer.current_epoch} validation" if fitting else "validation"
-            _logger.info("%s: %s", where, line)
+            _logger.info("%s %s", _validation_label(trainer), line)
 
     def output_path(self, trainer: L.Trainer) -> Path:
         root = trainer.log_dir or trainer.default_root_dir
@@ -105,6 +103,12 @@ class LossCurvePlotter(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.update(state_dict.get("history", {}))
+
+
+def _validation_label(trainer: L.Trainer) -> str:
+    """``"epoch N validation:"`` while fitting, ``"validation:"`` for ``validate``."""
+    fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+    return f"epoch {trainer.current_epoch} validation:" if fitting else "validation:"
 
 
 def validation_summary(metrics: dict[str, Any]) -> str:
@@ -168,8 +172,7 @@ class RetrievalExamplesPlotter(Callback):
                             Path(trainer.log_dir or trainer.default_root_dir) / self.filename,
                             trainer.current_epoch)
         metrics = trainer.callback_metrics
-        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
-        parts = [f"epoch {trainer.current_epoch} validation:" if fitting else "validation:"]
+        parts = [_validation_label(trainer)]
         if "val/itc_acc_i2t" in metrics:
             parts.append(f"in-batch image->text top-1 {100 * float(metrics['val/itc_acc_i2t']):.1f}% "
                          f"(chance {100 / batch_size:.1f}%);")

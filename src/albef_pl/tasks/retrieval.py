@@ -279,8 +279,8 @@ class RetrievalTask(ALBEFTask):
         dtypes, which only the processes that embedded some know. Returns ``False`` when no
         process embedded an image or no process a caption (then nothing can be ranked).
         """
-        def template(items: list[torch.Tensor]) -> tuple[tuple[int, ...], str] | None:
-            return (tuple(items[0].shape[1:]), str(items[0].dtype)) if items else None
+        def template(items: list[torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype] | None:
+            return (tuple(items[0].shape[1:]), items[0].dtype) if items else None
 
         mine = {name: template(getattr(buf, name)) for name in _EVAL_TENSORS}
         mine["sizes"] = (buf.num_images, buf.num_texts)
@@ -294,9 +294,8 @@ class RetrievalTask(ALBEFTask):
                 return False
             if not getattr(buf, name):
                 shape, dtype = known[0]
-                getattr(buf, name).append(torch.zeros(
-                    (0, *shape), dtype=getattr(torch, dtype.removeprefix("torch.")),
-                    device=self.device))
+                getattr(buf, name).append(torch.zeros((0, *shape), dtype=dtype,
+                                                      device=self.device))
         return True
 
     def _gather(self, stage: str) -> _EvalSet | None:
